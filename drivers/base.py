@@ -1,0 +1,273 @@
+"""The driver contract every protocol module follows (see design.md, conventions 1-3).
+
+A driver is built with keyword-only options and does no I/O in its constructor.
+``await open()`` acquires the port/bus/socket, ``await close()`` releases it (idempotent),
+and ``samples()`` is an async iterator of sample batches that ends after ``close()``.
+Drivers that own a physical link use :meth:`Driver.run_with_reconnect` so that a vanished
+USB adapter, bus or socket is retried with capped exponential backoff plus jitter while the
+rest of the daemon keeps running; availability changes are reported through
+``on_availability`` and counted in :class:`DriverStats`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar
+
+from dynoai_daemon.channels import Sample
+from dynoai_daemon.errors import DriverError, DriverOperationError
+
+AvailabilityCallback = Callable[[str, bool, str], None]
+"""Called as ``cb(source_name, online, reason)`` when a source comes or goes."""
+
+
+@dataclass
+class DriverStats:
+    """Counters a driver keeps for the health topic."""
+
+    messages: int = 0
+    bad_frames: int = 0
+    skipped_bytes: int = 0
+    reconnects: int = 0
+    drops: int = 0
+    samples: int = 0
+    last_seen: float | None = None  # monotonic seconds of the last good message
+    online: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the counters as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    initial_s: float = 0.2
+    max_s: float = 10.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Return the wait before retry number ``attempt`` (0-based)."""
+        cap = min(self.max_s, self.initial_s * self.factor ** max(0, attempt))
+        r = (rng or random).random()
+        return cap * (0.5 + 0.5 * r)
+
+
+class Driver(abc.ABC):
+    """Base class of all drivers.
+
+    Subclasses set ``name`` (registry name) and ``kind`` (``"serial"``, ``"can"`` or
+    ``"udp"``) and implement :meth:`_open`, :meth:`_close` and :meth:`_read`.
+
+    Args:
+        source: the configured source name, stamped on every Sample.
+        channel_map: overrides of the driver's default channel names
+            (protocol name -> canonical channel).
+        on_availability: callback for online/offline changes.
+        clock: monotonic clock in seconds (injectable for tests and simulators).
+        reconnect: keep retrying after the link fails (False: raise instead).
+        backoff: the retry schedule.
+        queue_size: bound of the internal batch queue; live data drops oldest when full.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        source: str = "",
+        channel_map: Mapping[str, str] | None = None,
+        on_availability: AvailabilityCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        queue_size: int = 1024,
+    ) -> None:
+        self.source = source or self.name
+        self.channel_map: dict[str, str] = dict(channel_map or {})
+        self.on_availability = on_availability
+        self.clock = clock
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.stats = DriverStats()
+        self._queue: asyncio.Queue[list[Sample] | BaseException | None] | None = None
+        self._queue_size = queue_size
+        self._task: asyncio.Task[None] | None = None
+        self._closed = True
+        self._opened_once = False
+
+    # --- public API -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the link and start reading in the background.
+
+        Raises:
+            DriverOpenError: the first open failed and ``reconnect`` is False.
+        """
+        if not self._closed:
+            return
+        self._closed = False
+        self._queue = asyncio.Queue(maxsize=self._queue_size)
+        if not self.reconnect:
+            await self._open()
+            self._set_online(True, "opened")
+        self._task = asyncio.create_task(self._pump(), name=f"driver:{self.source}")
+
+    async def close(self) -> None:
+        """Stop reading and release the link; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DriverError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._close()
+        self._set_online(False, "closed")
+        if self._queue is not None:
+            self._put_nowait(None)
+
+    async def __aenter__(self) -> Driver:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def samples(self) -> AsyncIterator[list[Sample]]:
+        """Yield batches of samples as they arrive; ends after :meth:`close`.
+
+        Raises:
+            DriverError: the link failed and ``reconnect`` is False.
+        """
+        if self._queue is None:
+            raise DriverError(f"{self.source}: samples() before open()")
+        q = self._queue
+        while True:
+            item = await q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def map_channel(self, name: str) -> str:
+        """Return the channel name for protocol name ``name`` after the user's overrides."""
+        return self.channel_map.get(name, name)
+
+    # --- for subclasses ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _open(self) -> None:
+        """Acquire the port, bus or socket (raise DriverOpenError on failure)."""
+
+    @abc.abstractmethod
+    async def _close(self) -> None:
+        """Release the link; must tolerate a half-open state."""
+
+    @abc.abstractmethod
+    async def _read(self) -> None:
+        """Read until the link fails (raise DriverOperationError) or is cancelled.
+
+        Call :meth:`emit` with each decoded batch.
+        """
+
+    def emit(self, samples: list[Sample]) -> None:
+        """Hand a decoded batch to readers; drops the oldest batch if the queue is full."""
+        if not samples:
+            return
+        self.stats.messages += 1
+        self.stats.samples += len(samples)
+        self.stats.last_seen = self.clock()
+        self._put_nowait(samples)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _put_nowait(self, item: list[Sample] | BaseException | None) -> None:
+        q = self._queue
+        if q is None:
+            return
+        while True:
+            try:
+                q.put_nowait(item)
+                return
+            except asyncio.QueueFull:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+                    self.stats.drops += 1
+
+    def _set_online(self, online: bool, reason: str) -> None:
+        if self.stats.online == online:
+            return
+        self.stats.online = online
+        if self.on_availability is not None:
+            self.on_availability(self.source, online, reason)
+
+    async def _pump(self) -> None:
+        attempt = 0
+        first = True
+        try:
+            while not self._closed:
+                if not (first and not self.reconnect):
+                    try:
+                        await self._open()
+                    except DriverError as exc:
+                        if not self.reconnect:
+                            self._put_nowait(exc)
+                            return
+                        self._set_online(False, str(exc))
+                        await asyncio.sleep(self.backoff.delay(attempt))
+                        attempt += 1
+                        continue
+                    if not first:
+                        self.stats.reconnects += 1
+                    self._set_online(True, "opened")
+                first = False
+                try:
+                    await self._read()
+                    raise DriverOperationError(f"{self.source}: link closed")
+                except DriverError as exc:
+                    self._set_online(False, str(exc))
+                    with contextlib.suppress(Exception):
+                        await self._close()
+                    if not self.reconnect:
+                        self._put_nowait(exc)
+                        return
+                    attempt = 0 if self.stats.last_seen is not None else attempt
+                    await asyncio.sleep(self.backoff.delay(attempt))
+                    attempt += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a codec must not hang readers
+            self._put_nowait(DriverError(f"{self.source}: {exc!r}"))
+
+
+def nominal_time(index: int, period_s: float, start: float = 0.0) -> float:
+    """Return the nominal time of message ``index`` for a stream with a fixed period."""
+    return start + index * period_s
+
+
+def is_finite(x: float) -> bool:
+    """Return True when ``x`` is a finite float."""
+    return math.isfinite(x)
+
+
+OpenCallable = Callable[[], Awaitable[None]]
