@@ -1,0 +1,1 @@
+"""The ``dynoai`` command line: one module per subcommand (cantools-style)."""

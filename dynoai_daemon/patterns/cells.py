@@ -1,0 +1,103 @@
+"""Per-cylinder cell results derived from a closed run's statistics.
+
+Turns the accumulator's sums into what tuners read: mean AFR and target, the VE
+correction (null below the minimum weight, clamped to the maximum correction), the
+spread, knock counts and, when the ECU's VE was logged, the suggested new VE. Also the
+operating regions of tuning.md, defined in RPM and kPa rather than table indexes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from dynoai_daemon.config import TuningConfig
+from dynoai_daemon.core.accumulator import CylinderStats
+from dynoai_daemon.core.grid import Grid
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+#: name -> (rpm_min, rpm_max, kpa_min, kpa_max), inclusive, on cell centres.
+REGIONS: dict[str, tuple[float, float, float, float]] = {
+    "idle": (750.0, 1250.0, 20.0, 40.0),
+    "cruise": (2000.0, 3000.0, 30.0, 60.0),
+    "midrange": (3000.0, 4500.0, 60.0, 85.0),
+    "wot": (3000.0, float("inf"), 90.0, float("inf")),
+}
+
+
+@dataclass
+class CylinderCells:
+    """2-D ``[rpm_index, map_index]`` results of one cylinder; NaN = no data."""
+
+    weight: FloatArray
+    ratio: FloatArray  # weighted mean of afr/target where weight > 0
+    ve_correction_pct: FloatArray  # NaN below min weight; clamped
+    afr_mean: FloatArray
+    target_mean: FloatArray
+    afr_std: FloatArray  # spread of afr/target, expressed in AFR at the cell's target
+    samples: FloatArray
+    knock_samples: FloatArray
+    knock_count: FloatArray
+    knock_max: FloatArray
+    new_ve: FloatArray  # logged VE x ratio where VE was logged and the cell qualifies
+    qualified: BoolArray
+
+
+def cylinder_cells(stats: CylinderStats, grid: Grid, tuning: TuningConfig) -> CylinderCells:
+    """Derive one cylinder's cell results from its accumulated statistics."""
+    shape = grid.shape
+    w = stats.weight.reshape(shape)
+    has = w > 0
+    nan = np.full(shape, np.nan)
+    ratio = np.where(has, stats.ratio_mean.reshape(shape), np.nan)
+    afr = np.divide(stats.afr_sum.reshape(shape), w, out=nan.copy(), where=has)
+    tgt = np.divide(stats.target_sum.reshape(shape), w, out=nan.copy(), where=has)
+    var = np.divide(stats.ratio_m2.reshape(shape), w, out=nan.copy(), where=has)
+    std = np.sqrt(np.maximum(var, 0.0)) * tgt
+    qualified = w >= tuning.min_weight
+    lim = tuning.max_correction_pct
+    corr = np.where(qualified, np.clip((ratio - 1.0) * 100.0, -lim, lim), np.nan)
+    vw = stats.ve_weight.reshape(shape)
+    ve_mean = np.divide(stats.ve_sum.reshape(shape), vw, out=nan.copy(), where=vw > 0)
+    new_ve = np.where(qualified & (vw > 0), ve_mean * (1.0 + corr / 100.0), np.nan)
+    return CylinderCells(
+        weight=w.copy(),
+        ratio=ratio,
+        ve_correction_pct=corr,
+        afr_mean=afr,
+        target_mean=tgt,
+        afr_std=std,
+        samples=stats.samples.reshape(shape).copy(),
+        knock_samples=stats.knock_samples.reshape(shape).copy(),
+        knock_count=stats.knock_count.reshape(shape).copy(),
+        knock_max=stats.knock_max.reshape(shape).copy(),
+        new_ve=new_ve,
+        qualified=qualified,
+    )
+
+
+def region_mask(grid: Grid, region: str) -> BoolArray:
+    """Return the cells whose centres lie in ``region`` (see :data:`REGIONS`)."""
+    r0, r1, k0, k1 = REGIONS[region]
+    rpm = grid.rpm_axis[:, None]
+    kpa = grid.map_axis[None, :]
+    return np.asarray((rpm >= r0) & (rpm <= r1) & (kpa >= k0) & (kpa <= k1))
+
+
+def to_nested(a: FloatArray, *, digits: int = 4) -> list[list[float | None]]:
+    """Return a 2-D array as nested lists with NaN as None, rounded for JSON."""
+    out: list[list[float | None]] = []
+    for row in a.tolist():
+        out.append([None if v != v else round(float(v), digits) for v in row])
+    return out
+
+
+def nan_to_none(x: float, digits: int = 4) -> float | None:
+    """Return ``x`` rounded, or None when it is NaN/inf."""
+    if not np.isfinite(x):
+        return None
+    return round(float(x), digits)
