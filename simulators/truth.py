@@ -1,0 +1,217 @@
+"""Ground truth of a simulated session, in the schema of contract.md (``truth/<name>.json``).
+
+The simulator knows what a perfect tuner would find: the true/ECU VE ratio of every cell
+per cylinder (heat-soak-free), the cells where the cylinders' true AFRs differ by at least
+0.5 among the cells the plan visited steadily enough to learn, the cells where the model
+really knocked, the peak intake temperature, whether a heat soak (IAT > 130 F at low load
+for > 2 s) happened, and the RPM bands where decel pops went over 15.5 AFR. Tests and the
+end-to-end checks compare the daemon's sessions against this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+from simulators.dyno import Simulation
+from simulators.engine import decel_windows
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Decel enrichment bands of tuning.md.
+POP_BANDS: tuple[tuple[float, float], ...] = (
+    (1500, 2500),
+    (2500, 3500),
+    (3500, 4500),
+    (4500, 5500),
+)
+POP_SPIKE_AFR = 15.5
+
+
+class Truth(BaseModel):
+    """The ground truth document (contract.md keys first, then extras)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scenario: str
+    seed: int
+    rpm_axis: list[float]
+    map_axis: list[float]
+    ve_ratio_front: list[list[float]]
+    ve_ratio_rear: list[list[float]]
+    imbalance_cells: list[list[float]]
+    knock_cells: list[list[float]]
+    iat_peak_f: float
+    pop_zones: list[list[float]]
+    heat_soak: bool
+    visited_cells: list[list[float]]
+    knock_retard_cells: list[list[float]]
+    knock_events: int
+    pop_events: int
+    duration_s: float
+    build: dict[str, Any]
+
+
+def _axis_weights(axis: FloatArray, x: FloatArray) -> tuple[Any, FloatArray, Any]:
+    """Lower index, fraction and validity per value (edges clamp within half a step)."""
+    n = axis.size
+    lo_half = (axis[1] - axis[0]) / 2.0
+    hi_half = (axis[-1] - axis[-2]) / 2.0
+    valid = (x >= axis[0] - lo_half) & (x <= axis[-1] + hi_half)
+    xc = np.clip(x, axis[0], axis[-1])
+    i = np.clip(np.searchsorted(axis, xc, side="right") - 1, 0, n - 2)
+    f = (xc - axis[i]) / (axis[i + 1] - axis[i])
+    return i, f, valid
+
+
+def steady_weights(sim: Simulation) -> FloatArray:
+    """Bilinear cell weights of the wideband samples the core may learn from.
+
+    Mirrors tuning.md's gates on the true engine state at each valid wideband sample:
+    engine warm, |dTPS/dt| <= 50 %/s and |dMAP/dt| <= 40 kPa/s over 200 ms, not a
+    closed-throttle decel, and a true AFR within 9..20.
+    """
+    tr = sim.trace
+    tab = sim.engine.tables
+    wb = sim.streams["wideband"]
+    status = wb.columns["afr_front_status"]
+    ts = wb.t[status == 0]
+    k = np.clip(np.searchsorted(tr.t, ts, side="right") - 1, 0, len(tr) - 1)
+    back = max(1, round(0.2 / float(tr.t[1] - tr.t[0]))) if len(tr) > 1 else 1
+    kb = np.maximum(k - back, 0)
+    span = np.maximum(tr.t[k] - tr.t[kb], 1e-9)
+    dtps = np.abs(tr.tps[k] - tr.tps[kb]) / span
+    dmap = np.abs(tr.map_kpa[k] - tr.map_kpa[kb]) / span
+    drpm = (tr.rpm[k] - tr.rpm[kb]) / span
+    in_decel = np.zeros(len(tr), dtype=bool)
+    for win in decel_windows(tr.tps, tr.rpm):
+        in_decel[win.start : win.stop] = True
+    ok = (
+        (tr.ect_f[k] >= 150.0)
+        & (dtps <= 50.0)
+        & (dmap <= 40.0)
+        & ~((tr.tps[k] <= 3.0) & (drpm < -100.0))
+        & ~in_decel[k]
+    )
+    for afr in (tr.afr_true_front, tr.afr_true_rear):
+        ok &= (afr[k] >= 9.0) & (afr[k] <= 20.0)
+    rpm, kpa = tr.rpm[k][ok], tr.map_kpa[k][ok]
+    ra, ma = tab.rpm_axis, tab.map_axis
+    i, fx, vi = _axis_weights(ra, rpm)
+    j, fy, vj = _axis_weights(ma, kpa)
+    v = vi & vj
+    i, j, fx, fy = i[v], j[v], fx[v], fy[v]
+    nm = ma.size
+    flat = np.concatenate([i * nm + j, (i + 1) * nm + j, i * nm + j + 1, (i + 1) * nm + j + 1])
+    wts = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    w: FloatArray = np.bincount(flat, weights=wts, minlength=ra.size * nm).astype(np.float64)
+    return w.reshape(ra.size, nm)
+
+
+def _nearest_cells(sim: Simulation, rpm: FloatArray, kpa: FloatArray) -> list[list[float]]:
+    tab = sim.engine.tables
+    if rpm.size == 0:
+        return []
+    i = np.abs(rpm[:, None] - tab.rpm_axis[None, :]).argmin(axis=1)
+    j = np.abs(kpa[:, None] - tab.map_axis[None, :]).argmin(axis=1)
+    cells = sorted(set(zip(i.tolist(), j.tolist(), strict=True)))
+    return [[float(tab.rpm_axis[a]), float(tab.map_axis[b])] for a, b in cells]
+
+
+def heat_soaked(sim: Simulation, iat_f: float = 130.0, min_s: float = 2.0) -> bool:
+    """True when IAT stayed above ``iat_f`` at low load (rpm < 3500, TPS < 15 %) for
+    longer than ``min_s`` seconds in one stretch."""
+    tr = sim.trace
+    hot = (tr.iat_f > iat_f) & (tr.rpm < 3500.0) & (tr.tps < 15.0)
+    if not hot.any():
+        return False
+    edges = np.diff(np.concatenate(([0], hot.astype(np.int8), [0])))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    dt = float(tr.t[1] - tr.t[0]) if len(tr) > 1 else 0.0
+    return bool(np.max(stops - starts) * dt > min_s)
+
+
+def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
+    """Compute the ground truth of a simulation (runs the simulation if needed).
+
+    Args:
+        sim: the simulation.
+        min_weight: steady sample weight a cell needs to count as visited (the core's
+            ``min_weight``).
+    """
+    tab = sim.engine.tables
+    tr = sim.trace
+    weights = steady_weights(sim)
+    visited = weights >= min_weight
+    delta = np.abs(tab.afr_target * (tab.ratio_rear - tab.ratio_front))
+    imb = np.argwhere(visited & (delta >= 0.5))
+    ra, ma = tab.rpm_axis, tab.map_axis
+    ev = sim.knock_events
+    knock = _nearest_cells(
+        sim,
+        np.array([e.rpm for e in ev], dtype=float),
+        np.array([e.map_kpa for e in ev], dtype=float),
+    )
+    ecu = sim.streams["ecu"]
+    kr = (ecu.columns["knock_front_deg"] > 0) | (ecu.columns["knock_rear_deg"] > 0)
+    retard_cells = _nearest_cells(sim, ecu.columns["rpm"][kr], ecu.columns["map_kpa"][kr])
+    spikes = [p for p in sim.pops if p.peak_afr > POP_SPIKE_AFR]
+    zones = [
+        [float(lo), float(hi)] for lo, hi in POP_BANDS if any(lo <= p.rpm < hi for p in spikes)
+    ]
+    return Truth(
+        scenario=sim.scenario.name,
+        seed=sim.seed,
+        rpm_axis=[float(x) for x in ra],
+        map_axis=[float(x) for x in ma],
+        ve_ratio_front=np.round(tab.ratio_front, 4).tolist(),
+        ve_ratio_rear=np.round(tab.ratio_rear, 4).tolist(),
+        imbalance_cells=[[float(ra[a]), float(ma[b])] for a, b in imb.tolist()],
+        knock_cells=knock,
+        iat_peak_f=round(float(np.max(tr.iat_f)), 1),
+        pop_zones=zones,
+        heat_soak=heat_soaked(sim),
+        visited_cells=[[float(ra[a]), float(ma[b])] for a, b in np.argwhere(visited).tolist()],
+        knock_retard_cells=retard_cells,
+        knock_events=len(ev),
+        pop_events=len(spikes),
+        duration_s=round(sim.duration_s, 3),
+        build=sim.scenario.build.to_build_config(),
+    )
+
+
+def export_truth(sim: Simulation, *, min_weight: float = 10.0) -> dict[str, Any]:
+    """The ground truth as a JSON-ready dict (see :func:`build_truth`)."""
+    return build_truth(sim, min_weight=min_weight).model_dump()
+
+
+def write_truth(truth: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a truth dict as JSON atomically (temporary file, fsync, rename).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OSError: the directory cannot be created or written.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(dict(truth), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
