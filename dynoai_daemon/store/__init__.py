@@ -1,0 +1,14 @@
+"""Storage under the data directory: atomic files, sessions and the training dataset.
+
+See :mod:`dynoai_daemon.store.files`; contract.md fixes the layout
+(``sessions/<id>.json``, ``dataset.json``).
+"""
+
+from dynoai_daemon.store.files import (
+    SessionStore,
+    StoreFileError,
+    atomic_write_json,
+    atomic_write_text,
+)
+
+__all__ = ["SessionStore", "StoreFileError", "atomic_write_json", "atomic_write_text"]
