@@ -1,0 +1,463 @@
+"""Shared CAN driver plumbing: codec shape, bus life cycle, arrival stamping, capture decode.
+
+A CAN protocol module supplies a pure *codec* (no I/O) with
+``decode(arbitration_id, data, is_extended) -> list[(channel, value)] | None``: ``None`` means
+"not one of my frames", a list (possibly empty) means "mine, here are the values", and
+:class:`~dynoai_daemon.errors.ProtocolError` means "mine but malformed" (wrong DLC, unknown
+version). :class:`CanDriver` opens a python-can bus from the source options, reads it through
+``can.Notifier(..., loop=loop)`` so the event loop never blocks (an fd reader for socketcan and
+udp_multicast, python-can's reader thread otherwise), stamps each frame with the driver clock
+on arrival (the bus timestamp is kept as ``device_t``), counts good, bad, foreign and echoed
+frames, and turns bus failures into :class:`~dynoai_daemon.errors.DriverOperationError` so
+the base class reconnects. :meth:`CanDriver.decode_capture` runs the same codec over a
+python-can log file (candump ``.log``, ``.asc``, ``.blf``, ...) for ``dynoai decode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections import deque
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import can
+
+from drivers.base import Driver, DriverStats
+from dynoai_daemon.channels import Sample
+from dynoai_daemon.errors import (
+    ConfigError,
+    DriverError,
+    DriverOpenError,
+    DriverOperationError,
+    InputError,
+    LogFormatError,
+    ProtocolError,
+)
+
+ByteLike = bytes | bytearray | memoryview
+CanFrame = tuple[int, bytes, bool]
+"""A frame as encoders return it: ``(arbitration_id, data, is_extended)``."""
+Decoded = list[tuple[str, float]]
+
+#: Option names the :class:`Driver` base consumes; every other unknown option is handed to
+#: ``can.Bus`` (e.g. ``port`` for udp_multicast, ``fd``, ``tty_baudrate`` for slcan).
+_BASE_OPTIONS = frozenset(inspect.signature(Driver.__init__).parameters) - {"self"}
+
+
+@runtime_checkable
+class CanCodec(Protocol):
+    """What a CAN codec offers the driver (pure, no I/O)."""
+
+    def decode(self, arbitration_id: int, data: ByteLike, is_extended: bool) -> Decoded | None:
+        """Return the frame's values, None when the frame is not ours.
+
+        Raises:
+            ProtocolError: the frame is ours but malformed.
+        """
+        ...
+
+
+def parse_int(value: int | str, *, what: str) -> int:
+    """Parse an integer option that may be written as ``"0x180"`` or ``"384"``.
+
+    Raises:
+        ConfigError: not an integer.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not an integer", field=what)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip(), 0)
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not an integer", field=what) from None
+
+
+def frame_to_message(frame: CanFrame, timestamp: float = 0.0) -> can.Message:
+    """Wrap an encoder's ``(id, data, extended)`` tuple in a ``can.Message``."""
+    arb, data, ext = frame
+    return can.Message(
+        timestamp=timestamp,
+        arbitration_id=arb,
+        is_extended_id=ext,
+        data=data,
+        dlc=len(data),
+    )
+
+
+class _SafeNotifier(can.Notifier):
+    """A Notifier whose read errors always reach the listener instead of the void.
+
+    python-can hands a reader-thread error to ``on_error`` and then re-raises it in the
+    thread (noise in every log); on the fd path an error in ``recv`` escapes into the loop's
+    exception handler and the fd stays registered. Both are routed to ``on_error`` here.
+    """
+
+    def _rx_thread(self, bus: can.BusABC) -> None:
+        with contextlib.suppress(Exception):  # already delivered to on_error via the loop
+            super()._rx_thread(bus)
+
+    def _on_message_available(self, bus: can.BusABC) -> None:
+        try:
+            super()._on_message_available(bus)
+        except Exception as exc:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(bus.fileno())
+            self._on_error(exc)
+
+
+class _Listener(can.Listener):
+    """Forwards bus events to the driver, tagged with the open generation they belong to."""
+
+    def __init__(self, driver: CanDriver, generation: int) -> None:
+        self._driver = driver
+        self._generation = generation
+
+    def on_message_received(self, msg: can.Message) -> None:
+        self._driver._on_frame(self._generation, msg)
+
+    def on_error(self, exc: Exception) -> None:
+        self._driver._on_bus_error(self._generation, exc)
+
+    def stop(self) -> None:
+        """Nothing to flush."""
+
+
+class CanDriver(Driver):
+    """Base of the CAN drivers: a python-can bus plus a pure codec.
+
+    Subclasses set ``name`` and assign ``self.codec`` in their constructor.
+
+    Args:
+        interface: python-can interface name (``socketcan``, ``virtual``, ``udp_multicast``,
+            ``pcan``, ``slcan``, ...).
+        channel: the interface's channel (``can0``, a virtual channel name, a multicast
+            group, ...).
+        bitrate: bit rate passed to the interface; None leaves it to the interface.
+        receive_own_messages: passed to ``can.Bus`` only when given (udp_multicast rejects
+            True: it always receives its own frames).
+        ignore_own_echo: drop received frames identical to ones this driver sent within
+            ``echo_window_s`` (udp_multicast echoes every frame back to its sender).
+        echo_window_s: how long a sent frame may come back as an echo.
+        send_timeout_s: timeout of ``bus.send``.
+        notifier_timeout_s: poll period of python-can's reader thread (bounds close time).
+        bus_options: extra keyword arguments for ``can.Bus``.
+        **kwargs: the :class:`Driver` options (source, channel_map, clock, reconnect, ...);
+            any other keyword goes to ``can.Bus`` too (e.g. ``port`` for udp_multicast).
+
+    Raises:
+        ConfigError: an option is invalid.
+    """
+
+    kind: ClassVar[str] = "can"
+    codec: CanCodec
+
+    def __init__(
+        self,
+        *,
+        interface: str = "socketcan",
+        channel: str | int = "can0",
+        bitrate: int | None = 500_000,
+        receive_own_messages: bool | None = None,
+        ignore_own_echo: bool = True,
+        echo_window_s: float = 1.0,
+        send_timeout_s: float = 0.05,
+        notifier_timeout_s: float = 0.05,
+        bus_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        base = {k: v for k, v in kwargs.items() if k in _BASE_OPTIONS}
+        extra = {k: v for k, v in kwargs.items() if k not in _BASE_OPTIONS}
+        super().__init__(**base)
+        if not isinstance(interface, str) or not interface:
+            raise ConfigError(
+                f"{self.name}: interface must be a non-empty string", field="interface"
+            )
+        if bitrate is not None and (isinstance(bitrate, bool) or int(bitrate) <= 0):
+            raise ConfigError(f"{self.name}: bitrate must be positive", field="bitrate")
+        if echo_window_s < 0 or send_timeout_s < 0 or notifier_timeout_s <= 0:
+            raise ConfigError(f"{self.name}: timeouts must be positive", field="echo_window_s")
+        self.interface = interface
+        self.channel = channel
+        self.bitrate = int(bitrate) if bitrate is not None else None
+        self.receive_own_messages = receive_own_messages
+        self.ignore_own_echo = bool(ignore_own_echo)
+        self.echo_window_s = float(echo_window_s)
+        self.send_timeout_s = float(send_timeout_s)
+        self.notifier_timeout_s = float(notifier_timeout_s)
+        self.bus_options: dict[str, Any] = {**dict(bus_options or {}), **extra}
+        self._bus: can.BusABC | None = None
+        self._notifier: can.Notifier | None = None
+        self._generation = 0
+        self._pending: list[Sample] = []
+        self._wake: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._sent: deque[tuple[float, int, bool, bytes]] = deque(maxlen=64)
+        self._counters: dict[str, int] = {
+            "other_frames": 0,
+            "error_frames": 0,
+            "remote_frames": 0,
+            "own_echoes": 0,
+            "sent": 0,
+        }
+
+    # --- decoding (shared by the live path, capture decode and benchmarks) -------------------
+
+    def ingest(self, msg: can.Message, t: float, out: list[Sample]) -> None:
+        """Decode one frame received at time ``t`` and append its samples to ``out``.
+
+        Error frames, remote frames and frames of other protocols are counted and skipped;
+        a malformed frame of ours is counted in ``stats.bad_frames``. Never raises for
+        frame content.
+        """
+        if msg.is_error_frame:
+            self._counters["error_frames"] += 1
+            return
+        if msg.is_remote_frame:
+            self._counters["remote_frames"] += 1
+            return
+        try:
+            values = self.codec.decode(msg.arbitration_id, msg.data, msg.is_extended_id)
+        except ProtocolError:
+            self.stats.bad_frames += 1
+            return
+        if values is None:
+            self._counters["other_frames"] += 1
+            return
+        self.stats.messages += 1
+        self.stats.last_seen = t
+        src = self.source
+        dev_t = msg.timestamp
+        for ch, v in values:
+            out.append(Sample(t, ch, v, src, dev_t))
+
+    def decode_frames(self, msgs: list[can.Message], *, t: float | None = None) -> list[Sample]:
+        """Decode a list of frames, each stamped with ``t`` or else its own timestamp."""
+        out: list[Sample] = []
+        for m in msgs:
+            self.ingest(m, m.timestamp if t is None else t, out)
+        return out
+
+    def sync_stats(self) -> DriverStats:
+        """Copy frame and codec counters into ``stats.extra`` and return the stats."""
+        extra = dict(self._counters)
+        counters = getattr(self.codec, "counters", None)
+        if isinstance(counters, dict):
+            extra.update(counters)
+        self.stats.extra = extra
+        return self.stats
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def send(self, msg: can.Message) -> None:
+        """Transmit a frame on the open bus.
+
+        Raises:
+            DriverOperationError: the bus is not open or refused the frame.
+        """
+        bus = self._bus
+        if bus is None:
+            raise DriverOperationError(f"{self.source}: send on a closed bus")
+        try:
+            bus.send(msg, timeout=self.send_timeout_s)
+        except can.CanError as exc:
+            raise DriverOperationError(f"{self.source}: CAN send failed: {exc}") from exc
+        self._counters["sent"] += 1
+        if self.ignore_own_echo:
+            self._sent.append(
+                (self.clock(), msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
+            )
+
+    def _is_own_echo(self, msg: can.Message) -> bool:
+        sent = self._sent
+        horizon = self.clock() - self.echo_window_s
+        while sent and sent[0][0] < horizon:
+            sent.popleft()
+        key = (msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
+        for i, rec in enumerate(sent):
+            if rec[1:] == key:
+                del sent[i]
+                return True
+        return False
+
+    # --- Driver hooks ------------------------------------------------------------------------
+
+    def _bus_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"interface": self.interface, "channel": self.channel}
+        if self.bitrate is not None:
+            kw["bitrate"] = self.bitrate
+        if self.receive_own_messages is not None:
+            kw["receive_own_messages"] = self.receive_own_messages
+        kw.update(self.bus_options)
+        return kw
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._generation += 1
+        try:
+            bus = can.Bus(**self._bus_kwargs())
+        except (
+            can.CanError,
+            OSError,
+            ValueError,
+            TypeError,
+            ImportError,
+            NotImplementedError,
+        ) as exc:
+            raise DriverOpenError(
+                f"{self.source}: cannot open CAN bus {self.interface}:{self.channel}: {exc}"
+            ) from exc
+        self._pending = []
+        self._error = None
+        self._wake = asyncio.Event()
+        self._sent.clear()
+        try:
+            notifier = _SafeNotifier(
+                bus,
+                [_Listener(self, self._generation)],
+                timeout=self.notifier_timeout_s,
+                loop=loop,
+            )
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                bus.shutdown()
+            raise DriverOpenError(f"{self.source}: cannot read CAN bus: {exc}") from exc
+        self._bus = bus
+        self._notifier = notifier
+
+    async def _close(self) -> None:
+        self._generation += 1  # frames still queued for the loop are dropped
+        notifier, self._notifier = self._notifier, None
+        bus, self._bus = self._bus, None
+        if notifier is not None:
+            # The reader thread wakes every notifier_timeout_s, so this join is short.
+            with contextlib.suppress(Exception):
+                notifier.stop(timeout=max(1.0, 4 * self.notifier_timeout_s))
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                bus.shutdown()
+        self.sync_stats()
+
+    async def _read(self) -> None:
+        if self._bus is None:
+            await self._open()
+        wake = self._wake
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            self._flush()
+            if self._error is not None:
+                err, self._error = self._error, None
+                if isinstance(err, DriverError):
+                    raise err
+                raise DriverOperationError(f"{self.source}: CAN bus failed: {err}") from err
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            self.stats.samples += len(batch)
+            self._put_nowait(batch)
+        self.sync_stats()
+
+    # --- listener callbacks (always on the loop thread) -----------------------------------
+
+    def _on_frame(self, generation: int, msg: can.Message) -> None:
+        if generation != self._generation or self._wake is None:
+            return
+        t = self.clock()
+        if self._sent and self._is_own_echo(msg):
+            self._counters["own_echoes"] += 1
+            return
+        try:
+            self.handle_frame(msg, t, self._pending)
+        except Exception as exc:  # a codec bug must surface, not vanish in a callback
+            self._error = DriverError(f"{self.source}: decoding failed: {exc!r}")
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def handle_frame(self, msg: can.Message, t: float, out: list[Sample]) -> None:
+        """Process one live frame (subclasses with request/response state override this)."""
+        self.ingest(msg, t, out)
+
+    def _on_bus_error(self, generation: int, exc: Exception) -> None:
+        if generation != self._generation or self._wake is None:
+            return
+        self._error = exc
+        self._wake.set()
+
+    # --- offline ---------------------------------------------------------------------------
+
+    @classmethod
+    def decode_capture(cls, path: str | Path, **options: Any) -> tuple[list[Sample], DriverStats]:
+        """Decode a python-can log file (candump ``.log``, ``.asc``, ``.blf``, ``.trc``, ...).
+
+        Each sample's ``t`` and ``device_t`` are the log's timestamp of its frame.
+
+        Args:
+            path: the capture; the format follows the file suffix, as in ``can.LogReader``.
+            **options: the driver's options (codec options, channel_map, source, ...).
+
+        Returns:
+            ``(samples, stats)``: stats count decoded messages, bad frames and (in
+            ``extra``) foreign, error and remote frames plus ``records``.
+
+        Raises:
+            InputError: the file is missing or its format is not supported.
+            LogFormatError: a record cannot be parsed (names file and line when known).
+            ConfigError: a bad driver option.
+        """
+        drv = cls(**options)
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("no such capture file", path=str(p))
+        try:
+            reader = can.LogReader(p)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot read CAN capture: {exc}", path=str(p)) from exc
+        samples: list[Sample] = []
+        records = 0
+        try:
+            it: Iterator[can.Message] = iter(reader)
+            while True:
+                try:
+                    msg = next(it)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    raise LogFormatError(
+                        f"unreadable CAN record #{records + 1}: {exc}",
+                        path=str(p),
+                        line=_text_line_of_record(p, records),
+                    ) from exc
+                records += 1
+                drv.handle_capture_frame(msg, samples)
+        finally:
+            with contextlib.suppress(Exception):
+                reader.stop()
+        stats = drv.sync_stats()
+        stats.samples = len(samples)
+        stats.extra["records"] = records
+        return samples, stats
+
+    def handle_capture_frame(self, msg: can.Message, out: list[Sample]) -> None:
+        """Decode one frame of a capture, timed by the log (overridden by obd2)."""
+        self.ingest(msg, msg.timestamp, out)
+
+
+def _text_line_of_record(path: Path, index: int) -> int | None:
+    """Return the 1-based line of record ``index`` in a candump ``.log`` (one per line)."""
+    if path.suffix.lower() != ".log":
+        return None
+    seen = 0
+    with contextlib.suppress(OSError), path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                if seen == index:
+                    return lineno
+                seen += 1
+    return None
