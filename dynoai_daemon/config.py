@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,6 +201,10 @@ class Settings(BaseSettings):
     tuning: TuningConfig = TuningConfig()
     alerts: AlertConfig = AlertConfig()
     build: dict[str, Any] | None = None
+    conditions: dict[str, Any] | None = None
+    dyno: dict[str, Any] | None = None
+    tuner_id: str | None = None
+    objective: str = "ve_optimization"
     live_max_hz: float = Field(10.0, gt=0, le=100)
     cells_max_hz: float = Field(2.0, gt=0, le=100)
     health_interval_s: float = Field(5.0, gt=0)
@@ -224,6 +229,49 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the file; the file arrives as init kwargs.
         return (env_settings, init_settings)
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """The validated build, conditions and dyno metadata attached to sessions."""
+
+    build: Any
+    conditions: Any
+    dyno: Any
+    tuner_id: str | None
+    objective: Any
+
+
+def session_context(settings: Settings) -> SessionContext:
+    """Validate the ``build``, ``conditions``, ``dyno`` and ``objective`` sections.
+
+    Raises:
+        ConfigError: naming each bad field (e.g. ``build.displacement_ci``).
+    """
+    from dynoai_daemon import models
+
+    def one(section: str, cls: type[BaseModel], data: dict[str, Any] | None) -> Any:
+        if not data:
+            return None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            msg = "; ".join(
+                f"{section}.{_field_path(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(msg, field=section) from exc
+
+    try:
+        objective = models.TuningObjective(settings.objective)
+    except ValueError as exc:
+        raise ConfigError(f"objective: unknown objective {settings.objective!r}") from exc
+    return SessionContext(
+        build=one("build", models.BuildConfiguration, settings.build),
+        conditions=one("conditions", models.EnvironmentalConditions, settings.conditions),
+        dyno=one("dyno", models.DynoSessionMetadata, settings.dyno),
+        tuner_id=settings.tuner_id,
+        objective=objective,
+    )
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -270,6 +318,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {format_validation_error(exc)}") from exc
+    try:
+        session_context(settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}", field=exc.field) from exc
+    return settings

@@ -191,16 +191,21 @@ class Core:
             self._prune_decels()
         return FeedResult(events, t, rpm, mapk, tps, iat, afr_out, knock_out, status_out)
 
-    def start_run(self) -> list[CoreEvent]:
+    def start_run(self, *, run_id: str | None = None, t: float | None = None) -> list[CoreEvent]:
         """Open a run now on the operator's command (closing any open one first).
 
         The run stays open until :meth:`stop_run`, a dyno run marker, or shutdown.
+
+        Args:
+            run_id: force the run id (recovering a run recorded by an earlier process).
+            t: start time; defaults to the newest row fed.
         """
         events: list[CoreEvent] = []
-        t = self._last_t if math.isfinite(self._last_t) else 0.0
+        if t is None:
+            t = self._last_t if math.isfinite(self._last_t) else 0.0
         if self.run is not None:
             self._close(t, "operator", events)
-        self._open(t, events)
+        self._open(t, events, run_id=run_id)
         assert self.run is not None
         self.run.manual = True
         return events
@@ -226,11 +231,12 @@ class Core:
         utc = utc0 + timedelta(seconds=max(0.0, t - t0))
         return f"{self.station}-{utc.strftime('%Y%m%dT%H%M%S')}-{seq}", utc
 
-    def _open(self, t: float, events: list[CoreEvent]) -> None:
+    def _open(self, t: float, events: list[CoreEvent], *, run_id: str | None = None) -> None:
         if self._utc_origin is None:
             self._utc_origin = (t, self._utc_now())
         self.runs_started += 1
-        run_id, utc = self._run_id(t, self.runs_started)
+        made_id, utc = self._run_id(t, self.runs_started)
+        run_id = run_id or made_id
         self.run = OpenRun(run_id, self.runs_started, self.station, t, utc, self.grid.size)
         self._low_since = None
         events.append(RunStarted(run_id, t))

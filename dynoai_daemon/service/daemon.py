@@ -1,0 +1,669 @@
+"""The daemon: drivers in, the core in the middle, MQTT and files out, nothing lost.
+
+One :class:`Daemon` owns a station. It starts in the order of design.md (config ->
+store -> outbox/MQTT -> core -> drivers) inside an ``asyncio.TaskGroup`` of named tasks
+and stops in reverse. Drivers put sample batches into a bounded hub queue (live data
+drops the oldest batch when full, counted); the core task drains it every ``batch_ms``
+into one frame, feeds the core, raises alerts, records raw data, and publishes throttled
+live values and cells. Closed runs become sessions in an executor, are stored atomically
+and go out through the durable outbox. A run left open by a killed daemon is found in
+``raw/`` at start-up and closed as an aborted session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from dynoai_daemon import __version__
+from dynoai_daemon.alerts import Alert, AlertEngine
+from dynoai_daemon.channels import Frame, Sample, samples_to_frame
+from dynoai_daemon.config import Settings, load_settings, session_context
+from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
+from dynoai_daemon.models import BuildConfiguration, TuningSession
+from dynoai_daemon.patterns.session import SessionBuilder
+from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
+
+log = structlog.get_logger("dynoai.daemon")
+
+HUB_MAX_BATCHES = 20_000
+STALE_SOURCE_S = 2.0
+
+
+class Publisher(Protocol):
+    """What the daemon needs from the MQTT side (see :mod:`dynoai_daemon.publish`)."""
+
+    def publish_durable(self, topic: str, payload: dict[str, Any]) -> str: ...
+
+    def publish_retained(self, topic: str, payload: dict[str, Any] | None) -> None: ...
+
+    def publish_live(self, topic: str, payload: dict[str, Any]) -> None: ...
+
+    def topic(self, suffix: str) -> str: ...
+
+    async def run(self) -> None: ...
+
+    async def stop(self, flush_timeout: float) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class SourceState:
+    """Per-source bookkeeping for health and staleness."""
+
+    name: str
+    driver: Any
+    last_seen: float | None = None
+    samples: int = 0
+    online: bool = False
+    stale_alerted: bool = False
+
+
+@dataclass
+class HubStats:
+    """Counters of the hub between drivers and the core."""
+
+    batches_in: int = 0
+    samples_in: int = 0
+    dropped_batches: int = 0
+    late_samples: int = 0
+    frames_fed: int = 0
+    rows_fed: int = 0
+    alerts: int = 0
+    sessions: int = 0
+    runs_discarded: int = 0
+    recovered_runs: int = 0
+
+
+@dataclass
+class Hub:
+    """Bounded queue of sample batches with drop-oldest for live telemetry."""
+
+    maxsize: int = HUB_MAX_BATCHES
+    stats: HubStats = field(default_factory=HubStats)
+    queue: asyncio.Queue[list[Sample]] = field(init=False)
+    event: asyncio.Event = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.maxsize)
+        self.event = asyncio.Event()
+
+    def put(self, batch: list[Sample]) -> None:
+        """Add a batch, dropping the oldest queued batch when full."""
+        while True:
+            try:
+                self.queue.put_nowait(batch)
+                break
+            except asyncio.QueueFull:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    self.queue.get_nowait()
+                    self.stats.dropped_batches += 1
+        self.stats.batches_in += 1
+        self.stats.samples_in += len(batch)
+        self.event.set()
+
+    def drain(self) -> list[Sample]:
+        """Take everything queued now."""
+        out: list[Sample] = []
+        q = self.queue
+        while True:
+            try:
+                out.extend(q.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        self.event.clear()
+        return out
+
+
+def _finite(v: float) -> float | None:
+    return round(v, 4) if math.isfinite(v) else None
+
+
+class Daemon:
+    """One station's daemon.
+
+    Args:
+        settings: the validated configuration.
+        config_path: the file it came from (re-read on SIGHUP).
+        publisher: MQTT side; None builds one from ``settings.mqtt`` (or none when
+            MQTT is disabled).
+        drivers: prebuilt drivers by source name (tests, simulator); None builds them
+            from ``settings.sources`` through the driver registry.
+        clock: monotonic clock shared with the drivers.
+        on_alert / on_session: extra callbacks (the ``simulate`` console uses them).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: str | None = None,
+        publisher: Publisher | None = None,
+        drivers: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_alert: Callable[[Alert], None] | None = None,
+        on_session: Callable[[TuningSession], None] | None = None,
+        on_event: Callable[[CoreEvent], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.clock = clock
+        self.on_alert = on_alert
+        self.on_session = on_session
+        self.on_event = on_event
+        self.data_dir = Path(settings.data_dir)
+        self._publisher = publisher
+        self._prebuilt = drivers
+        self.sources: dict[str, SourceState] = {}
+        self.hub = Hub()
+        self.core = Core(grid=settings.grid, tuning=settings.tuning, station=settings.station)
+        self.alerts = AlertEngine(settings.alerts, station=settings.station)
+        self.builder = SessionBuilder.from_settings(settings)
+        self.recorder = RawRecorder(self.data_dir / "raw")
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._sessions_q: asyncio.Queue[RunClosed | None] = asyncio.Queue()
+        self._sessions_idle = asyncio.Event()
+        self._sessions_idle.set()
+        self._latest: dict[str, float] = {}
+        self._last_live = 0.0
+        self._last_cells = 0.0
+        self._cells_seen: np.ndarray | None = None
+        self._loop_beat = time.monotonic()
+        self._t_last_fed = -math.inf
+        self._since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.store: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once every task has started (READY was sent)."""
+        return self._ready
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop (signal handlers call this)."""
+        self._stop.set()
+
+    def healthy(self) -> bool:
+        """True while the core loop keeps turning (gates the systemd watchdog)."""
+        return time.monotonic() - self._loop_beat < max(2.0, 10 * self.settings.batch_ms / 1000)
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; closes the open run into a session on the way out."""
+        from dynoai_daemon.service.sdnotify import SdNotifier, watchdog_task
+        from dynoai_daemon.store import SessionStore
+
+        notifier = SdNotifier()
+        self.store = SessionStore(self.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        pub = self._publisher or self._make_publisher()
+        self._publisher = pub
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig, handler in (
+            (signal.SIGTERM, self.request_stop),
+            (signal.SIGINT, self.request_stop),
+            (signal.SIGHUP, self.reload),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if pub is not None:
+                    mqtt_task = tg.create_task(pub.run(), name="mqtt")
+                    self._publish_state(pub)
+                else:
+                    mqtt_task = None
+                sessions_task = tg.create_task(self._sessions_loop(), name="sessions")
+                await self._recover_orphans()
+                core_task = tg.create_task(self._core_loop(), name="core")
+                drivers = self._build_drivers()
+                driver_tasks = [
+                    tg.create_task(self._driver_loop(st), name=f"driver:{name}")
+                    for name, st in drivers.items()
+                ]
+                health_task = tg.create_task(self._health_loop(), name="health")
+                wd_task = tg.create_task(watchdog_task(notifier, self.healthy), name="watchdog")
+                notifier.ready(f"station {self.settings.station}: {len(drivers)} source(s)")
+                self._ready.set()
+                log.info("daemon started", station=self.settings.station, sources=list(drivers))
+                await self._stop.wait()
+                notifier.stopping()
+                log.info("daemon stopping", station=self.settings.station)
+                # Reverse order: drivers, then core (flush the last samples), sessions, MQTT.
+                for st in drivers.values():
+                    with contextlib.suppress(Exception):
+                        await st.driver.close()
+                for t in driver_tasks:
+                    t.cancel()
+                health_task.cancel()
+                wd_task.cancel()
+                core_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await core_task
+                self._process(self.hub.drain())
+                self._handle_events(self.core.stop_run("shutdown"))
+                self.recorder.stop()
+                await self._sessions_q.put(None)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sessions_task
+                if pub is not None and mqtt_task is not None:
+                    self._publish_retained(pub, "run/current", None)
+                    await pub.stop(flush_timeout=5.0)
+                    mqtt_task.cancel()
+        finally:
+            for sig in installed:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+            self.recorder.stop()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read alert thresholds and the build from the config file."""
+        if not self.config_path:
+            log.info("reload ignored: no config file")
+            return
+        try:
+            new = load_settings(self.config_path)
+        except Exception as exc:  # keep running on a bad edit
+            log.error("reload failed", error=str(exc))
+            return
+        self.alerts.reload(new.alerts)
+        ctx = session_context(new)
+        if ctx.build is not None:
+            self.builder.build_config = ctx.build
+        self.builder.conditions = ctx.conditions or self.builder.conditions
+        log.info("reloaded alert thresholds and build", config=self.config_path)
+
+    # ------------------------------------------------------------------ parts
+
+    def _make_publisher(self) -> Publisher | None:
+        if not self.settings.mqtt.enabled:
+            return None
+        from dynoai_daemon.publish.adapter import make_publisher
+
+        return make_publisher(self.settings, on_request=self._on_request)
+
+    def _build_drivers(self) -> dict[str, SourceState]:
+        from drivers.registry import create_driver
+
+        built: dict[str, Any] = dict(self._prebuilt or {})
+        if self._prebuilt is None:
+            for src in self.settings.sources:
+                if not src.enabled:
+                    continue
+                built[src.name] = create_driver(
+                    src.driver,
+                    source=src.name,
+                    on_availability=self._on_availability,
+                    clock=self.clock,
+                    **src.options(),
+                )
+        else:
+            for d in built.values():
+                if getattr(d, "on_availability", None) is None:
+                    d.on_availability = self._on_availability
+        self.sources = {name: SourceState(name, d) for name, d in built.items()}
+        return self.sources
+
+    def _on_availability(self, source: str, online: bool, reason: str) -> None:
+        st = self.sources.get(source)
+        if st is not None:
+            st.online = online
+        log.info("source availability", source=source, online=online, reason=reason)
+        pub = self._publisher
+        if pub is not None:
+            self._publish_retained(
+                pub,
+                f"source/{source}/availability",
+                {"state": "online" if online else "offline", "reason": reason},
+            )
+
+    async def _driver_loop(self, st: SourceState) -> None:
+        d = st.driver
+        try:
+            await d.open()
+            async for batch in d.samples():
+                st.last_seen = self.clock()
+                st.samples += len(batch)
+                st.stale_alerted = False
+                self.hub.put(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("source failed", source=st.name, error=str(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await d.close()
+
+    async def _core_loop(self) -> None:
+        period = self.settings.batch_ms / 1000.0
+        while True:
+            self._loop_beat = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.event.wait(), timeout=0.5)
+            # Micro-batch: gather what arrives within one batch period.
+            await asyncio.sleep(period)
+            self._process(self.hub.drain())
+            self._check_stale()
+
+    def _process(self, samples: list[Sample]) -> FeedResult | None:
+        if not samples:
+            return None
+        # The core needs non-decreasing time: a sample stamped before what was already fed
+        # (a late queue, a clock-aligned device time) is moved up and counted.
+        last = self._t_last_fed
+        fixed: list[Sample] = []
+        late = 0
+        for s in samples:
+            if s.t < last:
+                late += 1
+                fixed.append(Sample(last, s.channel, s.value, s.source, s.device_t))
+            else:
+                fixed.append(s)
+        self.hub.stats.late_samples += late
+        frame = samples_to_frame(fixed)
+        return self._feed(frame)
+
+    def _feed(self, frame: Frame) -> FeedResult:
+        res = self.core.feed(frame)
+        self._t_last_fed = float(frame.t[-1])
+        self.hub.stats.frames_fed += 1
+        self.hub.stats.rows_fed += len(frame)
+        for name, col in frame.columns.items():
+            ok = col[~np.isnan(col)]
+            if ok.size:
+                self._latest[name] = float(ok[-1])
+        # Recorder before events, so a run's file exists when it starts.
+        started = [e for e in res.events if isinstance(e, RunStarted)]
+        if started and self.recorder.run_id is None:
+            self.recorder.start(started[-1].run_id)
+        self.recorder.write(frame)
+        self._handle_events(res.events)
+        for alert in self.alerts.evaluate(res, self.core):
+            self._send_alert(alert)
+        self._publish_live(res)
+        return res
+
+    def _handle_events(self, events: list[CoreEvent]) -> None:
+        pub = self._publisher
+        for ev in events:
+            if self.on_event is not None:
+                self.on_event(ev)
+            if isinstance(ev, RunStarted):
+                if self.recorder.run_id != ev.run_id:
+                    self.recorder.start(ev.run_id)
+                log.info("run started", run=ev.run_id)
+                if pub is not None:
+                    self._publish_retained(
+                        pub, "run/current", {"run_id": ev.run_id, "start_s": ev.t, "cells_covered": 0}
+                    )
+                self._cells_seen = None
+            elif isinstance(ev, RunClosed):
+                self.recorder.stop()
+                self._sessions_idle.clear()
+                self._sessions_q.put_nowait(ev)
+                if pub is not None:
+                    self._publish_retained(pub, "run/current", None)
+            elif isinstance(ev, RunDiscarded):
+                self.recorder.stop()
+                self.hub.stats.runs_discarded += 1
+                with contextlib.suppress(OSError):
+                    self.recorder.path_for(ev.run_id).unlink()
+                log.info("run discarded", run=ev.run_id, duration_s=round(ev.duration_s, 2))
+                if pub is not None:
+                    self._publish_retained(pub, "run/current", None)
+
+    async def _sessions_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            ev = await self._sessions_q.get()
+            if ev is None:
+                self._sessions_idle.set()
+                return
+            try:
+                session = await loop.run_in_executor(None, self._build_and_store, ev)
+                self._publish_session(session)
+            except Exception as exc:
+                log.error("session failed", run=ev.run.run_id, error=repr(exc))
+            if self._sessions_q.empty():
+                self._sessions_idle.set()
+
+    def _build_and_store(self, ev: RunClosed) -> TuningSession:
+        session = self.builder.build(ev.run)
+        self.store.save_session(session)
+        self.store.append_to_dataset(session)
+        return session
+
+    def _publish_session(self, session: TuningSession) -> None:
+        self.hub.stats.sessions += 1
+        log.info(
+            "session stored",
+            run=session.session_id,
+            aborted=session.aborted,
+            peak_hp=session.peak_hp,
+            max_afr_delta=session.max_cylinder_afr_delta,
+        )
+        if self.on_session is not None:
+            self.on_session(session)
+        pub = self._publisher
+        if pub is None:
+            return
+        body = session.model_dump(mode="json")
+        pub.publish_durable(pub.topic(f"session/{session.session_id}"), body)
+        summary = {
+            "session_id": session.session_id,
+            "timestamp_utc": session.timestamp_utc,
+            "aborted": session.aborted,
+            "peak_hp": session.peak_hp,
+            "peak_torque": session.peak_torque,
+            "max_cylinder_afr_delta": session.max_cylinder_afr_delta,
+            "afr_accuracy_rms_error": session.afr_accuracy_rms_error,
+            "pattern_counts": {k: len(v) for k, v in session.patterns.model_dump().items()},
+        }
+        pub.publish_durable(pub.topic("session/last"), summary, retain=True)  # type: ignore[call-arg]
+
+    async def wait_sessions_idle(self) -> None:
+        """Wait until every closed run has become a stored session."""
+        await self._sessions_idle.wait()
+
+    def _send_alert(self, alert: Alert) -> None:
+        self.hub.stats.alerts += 1
+        log.warning("alert", kind=alert.kind, cylinder=alert.cylinder, value=alert.value,
+                    run=alert.run_id, message=alert.message)  # fmt: skip
+        if self.on_alert is not None:
+            self.on_alert(alert)
+        pub = self._publisher
+        if pub is not None:
+            pub.publish_durable(pub.topic(f"alert/{alert.kind}"), alert.payload())
+
+    def _publish_live(self, res: FeedResult) -> None:
+        pub = self._publisher
+        if pub is None:
+            return
+        now = time.monotonic()
+        if now - self._last_live >= 1.0 / self.settings.live_max_hz:
+            self._last_live = now
+            cell = None
+            rpm, kpa = self._latest.get("rpm"), self._latest.get("map_kpa")
+            if rpm is not None and kpa is not None:
+                idx, ok = self.core.grid.nearest(np.array([rpm]), np.array([kpa]))
+                if ok[0]:
+                    i, j = self.core.grid.cell_of(int(idx[0]))
+                    cell = {"rpm_index": i, "map_index": j, "rpm": self.core.grid.rpm_axis[i].item(),
+                            "map_kpa": self.core.grid.map_axis[j].item()}  # fmt: skip
+            run = self.core.run
+            pub.publish_live(
+                pub.topic("live"),
+                {
+                    "t": _finite(self._t_last_fed),
+                    "values": {k: _finite(v) for k, v in self._latest.items()},
+                    "cell": cell,
+                    "run_id": run.run_id if run else None,
+                },
+            )
+        if now - self._last_cells >= 1.0 / self.settings.cells_max_hz:
+            self._last_cells = now
+            self._publish_cells(pub)
+
+    def _publish_cells(self, pub: Publisher) -> None:
+        run = self.core.run
+        if run is None:
+            return
+        w = run.front.weight + run.rear.weight
+        prev = self._cells_seen
+        changed = np.flatnonzero(w != (prev if prev is not None else 0))
+        self._cells_seen = w.copy()
+        if changed.size == 0:
+            return
+        grid = self.core.grid
+        tuning = self.settings.tuning
+        cells = []
+        for flat in changed.tolist():
+            i, j = grid.cell_of(flat)
+            entry: dict[str, Any] = {"rpm_index": i, "map_index": j,
+                                     "rpm": grid.rpm_axis[i].item(), "map_kpa": grid.map_axis[j].item()}  # fmt: skip
+            for cyl in ("front", "rear"):
+                s = run.cylinder(cyl)
+                wt = float(s.weight[flat])
+                corr = None
+                if wt >= tuning.min_weight:
+                    lim = tuning.max_correction_pct
+                    corr = round(max(-lim, min(lim, (float(s.ratio_mean[flat]) - 1) * 100)), 3)
+                entry[cyl] = {
+                    "weight": round(wt, 3),
+                    "afr_mean": round(float(s.afr_sum[flat]) / wt, 3) if wt > 0 else None,
+                    "ve_correction_pct": corr,
+                    "knock_count": int(s.knock_count[flat]),
+                }
+            cells.append(entry)
+        pub.publish_live(pub.topic(f"run/{run.run_id}/cells"), {"run_id": run.run_id, "cells": cells})
+        covered = int(np.count_nonzero(w >= tuning.min_weight))
+        self._publish_retained(
+            pub, "run/current", {"run_id": run.run_id, "start_s": run.start_t, "cells_covered": covered}
+        )
+
+    def _publish_retained(self, pub: Publisher, suffix: str, payload: dict[str, Any] | None) -> None:
+        pub.publish_retained(pub.topic(suffix), payload)
+
+    def _publish_state(self, pub: Publisher) -> None:
+        del pub  # the publisher itself announces online/offline with its last will
+
+    def _check_stale(self) -> None:
+        now = self.clock()
+        for st in self.sources.values():
+            if st.last_seen is None or st.stale_alerted:
+                continue
+            age = now - st.last_seen
+            if age > STALE_SOURCE_S:
+                st.stale_alerted = True
+                run = self.core.run
+                alert = self.alerts.source_stale(
+                    st.name, age, self._t_last_fed, run.run_id if run else None
+                )
+                if alert is not None:
+                    self._send_alert(alert)
+
+    def health(self) -> dict[str, Any]:
+        """The health payload: per source, hub, core, outbox."""
+        now = self.clock()
+        sources = {}
+        for name, st in self.sources.items():
+            stats = getattr(st.driver, "stats", None)
+            d = stats.as_dict() if stats is not None else {}
+            d.update(
+                online=st.online,
+                samples=st.samples,
+                last_seen_age_s=None if st.last_seen is None else round(now - st.last_seen, 3),
+            )
+            d.pop("last_seen", None)
+            sources[name] = d
+        hub = self.hub.stats
+        out: dict[str, Any] = {
+            "station": self.settings.station,
+            "version": __version__,
+            "sources": sources,
+            "hub": {**hub.__dict__, "queue_depth": self.hub.queue.qsize()},
+            "core": {
+                "rows": self.core.rows_seen,
+                "runs_started": self.core.runs_started,
+                "runs_discarded": self.core.runs_discarded,
+                "run_open": self.core.run.run_id if self.core.run else None,
+            },
+            "alerts": dict(self.alerts.counts),
+            "sessions_pending": self._sessions_q.qsize(),
+        }
+        if self._publisher is not None:
+            out["mqtt"] = self._publisher.stats()
+        return out
+
+    async def _health_loop(self) -> None:
+        while True:
+            pub = self._publisher
+            if pub is not None:
+                self._publish_retained(pub, "health", self.health())
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _recover_orphans(self) -> None:
+        """Close runs a killed daemon left in raw/ as aborted sessions."""
+        from dynoai_daemon.logs import read_log
+
+        for path in orphaned_runs(self.data_dir):
+            if path.stem == self.recorder.run_id:
+                continue
+            try:
+                core = Core(grid=self.settings.grid, tuning=self.settings.tuning,
+                            station=self.settings.station)  # fmt: skip
+                started = False
+                for frame in read_log(path, format="canonical"):
+                    if not len(frame):
+                        continue
+                    if not started:
+                        core.feed(frame.slice(0, 1))
+                        core.start_run(run_id=path.stem, t=float(frame.t[0]))
+                        started = True
+                        frame = frame.slice(1, len(frame))
+                    core.feed(frame)
+                if not started:
+                    log.warning("empty raw file left as is", path=str(path))
+                    continue
+                events = core.stop_run("recovered", aborted=True)
+                for ev in events:
+                    if isinstance(ev, RunClosed):
+                        self.hub.stats.recovered_runs += 1
+                        self._sessions_idle.clear()
+                        await self._sessions_q.put(ev)
+                        log.warning("recovered interrupted run", run=path.stem)
+            except Exception as exc:
+                log.error("could not recover run", path=str(path), error=repr(exc))
+
+    async def _on_request(self, cmd: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Handle a validated MQTT command; returns the ``data`` of the response."""
+        if cmd == "ping":
+            return {"pong": True, "station": self.settings.station, "version": __version__}
+        if cmd == "run/start":
+            self._handle_events(self.core.start_run())
+            run = self.core.run
+            return {"run_id": run.run_id if run else None}
+        if cmd == "run/stop":
+            run = self.core.run
+            self._handle_events(self.core.stop_run("operator"))
+            return {"run_id": run.run_id if run else None, "stopped": run is not None}
+        if cmd == "build/set":
+            build = BuildConfiguration.model_validate(body.get("build", body))
+            self.builder.build_config = build
+            return {"build": build.model_dump(mode="json")}
+        raise ValueError(f"unknown command {cmd}")
