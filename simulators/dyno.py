@@ -39,6 +39,7 @@ from simulators.scenario import (
     DynoSpec,
     HoldStep,
     IdleStep,
+    MarkerStep,
     PullStep,
     Scenario,
     SoakStep,
@@ -59,6 +60,7 @@ PHYSICS_DT_S = 0.002
 TICK_STEPS = 10  # ECU tick = 20 ms
 IDLE_TPS = 1.5
 MAX_SIM_S = 3600.0
+MODE_MARKER = -1  # a zero-length phase: the operator's run marker (never in the trace)
 RAD_S_PER_RPM = 2.0 * math.pi / 60.0
 IN_TO_M = 0.0254
 
@@ -115,6 +117,8 @@ class _Phase:
 
 
 def _phases(step: object) -> list[_Phase]:
+    if isinstance(step, MarkerStep):
+        return [_Phase(MODE_MARKER, rpm=float(step.value))]
     if isinstance(step, IdleStep):
         return [_Phase(MODE_IDLE, seconds=step.seconds)]
     if isinstance(step, SoakStep):
@@ -174,6 +178,7 @@ class Simulation:
         self.dyno = DynoModel(self.scenario.dyno)
         self._knock_events: list[KnockEvent] = []
         self._pops: list[PopEvent] = []
+        self._markers: list[tuple[float, float]] = []
 
     # -- physics --------------------------------------------------------------------
 
@@ -195,6 +200,12 @@ class Simulation:
         """Every decel lean spike generated, per cylinder (runs the model if needed)."""
         self.trace  # noqa: B018 - computes the model on first use
         return self._pops
+
+    @property
+    def markers(self) -> list[tuple[float, float]]:
+        """The plan's run markers as ``(t, value)`` (1 begin, 0 end), in time order."""
+        self.trace  # noqa: B018 - computes the model on first use
+        return self._markers
 
     def _simulate(self) -> PhysicsTrace:
         eng, dyn, sc = self.engine, self.dyno, self.scenario
@@ -243,6 +254,9 @@ class Simulation:
         phases = [p for s in sc.plan for p in _phases(s)]
         for ph in phases:
             mode = ph.mode
+            if mode == MODE_MARKER:
+                self._markers.append((t, ph.rpm))
+                continue
             fan = fan_default if ph.fan_cfm is None else ph.fan_cfm
             t_phase = 0.0
             settle = 0.0
@@ -412,10 +426,17 @@ class Simulation:
         for s in SOURCES:
             names = list(st[s].columns)
             per_source.append((s, names, [st[s].columns[n].tolist() for n in names]))
+        markers = list(self.markers)
+        mi = 0
         for t, si, ri in zip(ts.tolist(), src.tolist(), row.tolist(), strict=True):
+            while mi < len(markers) and markers[mi][0] <= t:
+                yield SimEvent(markers[mi][0], "dyno", {"run_marker": markers[mi][1]})
+                mi += 1
             name, names, cols = per_source[si]
             vals = {n: c[ri] for n, c in zip(names, cols, strict=True) if c[ri] == c[ri]}
             yield SimEvent(t, name, vals)
+        for mt, mv in markers[mi:]:
+            yield SimEvent(mt, "dyno", {"run_marker": mv})
 
     def to_frame(self) -> Frame:
         """The whole run as the sensors reported it: one row per report, NaN elsewhere."""
@@ -433,4 +454,15 @@ class Simulation:
                     sel = src == i
                     col[sel] = c[row[sel]]
             cols[n] = col
+        if self.markers:
+            # One extra row per marker (the dyno's logging begin/end), stable in time.
+            mt = np.array([m[0] for m in self.markers], dtype=np.float64)
+            mv = np.array([m[1] for m in self.markers], dtype=np.float64)
+            all_t = np.concatenate([ts.astype(np.float64), mt])
+            order = np.argsort(all_t, kind="stable")
+            cols = {
+                n: np.concatenate([c, np.full(mt.size, np.nan)])[order] for n, c in cols.items()
+            }
+            cols["run_marker"] = np.concatenate([np.full(ts.size, np.nan), mv])[order]
+            return Frame(all_t[order], cols)
         return Frame(ts.astype(np.float64), cols)

@@ -235,7 +235,18 @@ class SoakStep(_Model):
     fan_cfm: float = Field(300.0, ge=0, le=50000)
 
 
-Step = Annotated[PullStep | HoldStep | DecelStep | IdleStep | SoakStep, Field(discriminator="step")]
+class MarkerStep(_Model):
+    """The operator presses the dyno's logging button: ``value`` 1 begins a run, 0 ends
+    it. Takes no time; the dyno reports it as a JetDrive logging begin/end."""
+
+    step: Literal["marker"]
+    value: Literal[0, 1]
+
+
+Step = Annotated[
+    PullStep | HoldStep | DecelStep | IdleStep | SoakStep | MarkerStep,
+    Field(discriminator="step"),
+]
 
 
 class Scenario(_Model):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dynoai_daemon.config import load_settings
+from dynoai_daemon.config import Settings, load_settings
+from dynoai_daemon.errors import ConfigError, DynoError
 
 
 def add_parser(sub: Any) -> None:
@@ -17,21 +18,33 @@ def add_parser(sub: Any) -> None:
     check.set_defaults(handler=run_check)
 
 
+def check_sources(settings: Settings, where: str) -> None:
+    """Check every source names a registered driver and that its options build it.
+
+    Raises:
+        ConfigError: naming ``sources[i].driver`` or the driver's complaint.
+    """
+    from drivers.registry import REGISTRY, create_driver
+
+    bad = []
+    for i, src in enumerate(settings.sources):
+        if src.driver not in REGISTRY:
+            bad.append(f"sources[{i}].driver: unknown driver {src.driver!r}")
+            continue
+        try:
+            create_driver(src.driver, source=src.name, **src.options())
+        except DynoError as exc:
+            bad.append(f"sources[{i}] ({src.name}): {exc}")
+        except TypeError as exc:
+            bad.append(f"sources[{i}] ({src.name}): {exc}")
+    if bad:
+        raise ConfigError(f"{where}: " + "; ".join(bad))
+
+
 def run_check(args: argparse.Namespace) -> int:
     """Validate ``args.file``; raises ConfigError (exit 2) naming every bad field."""
     settings = load_settings(args.file)
-    from drivers.registry import REGISTRY
-
-    unknown = [s.name for s in settings.sources if s.driver not in REGISTRY]
-    if unknown:
-        from dynoai_daemon.errors import ConfigError
-
-        bad = "; ".join(
-            f"sources[{i}].driver: unknown driver {s.driver!r}"
-            for i, s in enumerate(settings.sources)
-            if s.name in unknown
-        )
-        raise ConfigError(f"{args.file}: {bad}")
+    check_sources(settings, args.file)
     print(
         f"ok: station {settings.station}, {len(settings.sources)} source(s), "
         f"grid {len(settings.grid.rpm_axis)}x{len(settings.grid.map_axis)}"
