@@ -22,15 +22,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import pyarrow  # noqa: E402
+import numpy as np
+import pyarrow
 
-from dynoai_daemon.channels import Frame  # noqa: E402
-from dynoai_daemon.config import Settings  # noqa: E402
-from dynoai_daemon.core import Core  # noqa: E402
-from dynoai_daemon.logs import CanonicalWriter, read_log  # noqa: E402
-from dynoai_daemon.logs.replay import replay_logs  # noqa: E402
-from tests.synth import Plan, make_log  # noqa: E402
+from dynoai_daemon.channels import Frame
+from dynoai_daemon.config import Settings
+from dynoai_daemon.core import Core
+from dynoai_daemon.logs import CanonicalWriter, read_log
+from dynoai_daemon.logs.replay import replay_logs
+from tests.synth import Plan, make_log
 
 SHAPE = (19, 18)
 

@@ -8,11 +8,12 @@ error into a :class:`~dynoai_daemon.errors.ConfigError` that names each bad fiel
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -38,7 +39,7 @@ class _Section(BaseModel):
 def _strictly_increasing(name: str, axis: tuple[float, ...]) -> tuple[float, ...]:
     if len(axis) < 2:
         raise ValueError(f"{name} needs at least two breakpoints")
-    if any(b <= a for a, b in zip(axis, axis[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(axis)):
         raise ValueError(f"{name} must be strictly increasing")
     return axis
 

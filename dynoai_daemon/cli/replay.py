@@ -39,9 +39,7 @@ def summary_line(session: Any) -> str:
         )
     worst = session.max_cylinder_afr_delta
     knock_cells = sum(len(p.knock_cells) for p in session.patterns.knock_timing)
-    pats = ", ".join(
-        f"{k}={len(v)}" for k, v in session.patterns.model_dump().items() if v
-    )
+    pats = ", ".join(f"{k}={len(v)}" for k, v in session.patterns.model_dump().items() if v)
     return (
         f"run {session.session_id}: {learned} cell-cylinders learned, "
         f"worst imbalance {'-' if worst is None else f'{worst:.2f} AFR'}, "

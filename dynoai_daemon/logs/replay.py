@@ -94,7 +94,9 @@ def replay_logs(
     core = Core(grid=settings.grid, tuning=settings.tuning, station=settings.station)
     builder = builder or SessionBuilder.from_settings(settings)
     sessions = SessionStore(settings.data_dir) if store else None
-    result = ResultSink(result=ReplayResult(), builder=builder, store=sessions, on_session=on_session)
+    result = ResultSink(
+        result=ReplayResult(), builder=builder, store=sessions, on_session=on_session
+    )
     offset = 0.0
     for path in paths:
         reader = read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
@@ -108,10 +110,7 @@ def replay_logs(
                 continue
             if first is None:
                 first = float(frame.t[0])
-                if math.isfinite(core.last_t):
-                    offset = core.last_t + FILE_GAP_S - first
-                else:
-                    offset = 0.0
+                offset = core.last_t + FILE_GAP_S - first if math.isfinite(core.last_t) else 0.0
             shifted = Frame(frame.t + offset, frame.columns) if offset else frame
             tc = time.perf_counter()
             result.result.parse_s += tc - tp

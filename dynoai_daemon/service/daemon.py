@@ -409,7 +409,9 @@ class Daemon:
                 log.info("run started", run=ev.run_id)
                 if pub is not None:
                     self._publish_retained(
-                        pub, "run/current", {"run_id": ev.run_id, "start_s": ev.t, "cells_covered": 0}
+                        pub,
+                        "run/current",
+                        {"run_id": ev.run_id, "start_s": ev.t, "cells_covered": 0},
                     )
                 self._cells_seen = None
             elif isinstance(ev, RunClosed):
@@ -482,8 +484,14 @@ class Daemon:
 
     def _send_alert(self, alert: Alert) -> None:
         self.hub.stats.alerts += 1
-        log.warning("alert", kind=alert.kind, cylinder=alert.cylinder, value=alert.value,
-                    run=alert.run_id, message=alert.message)  # fmt: skip
+        log.warning(
+            "alert",
+            kind=alert.kind,
+            cylinder=alert.cylinder,
+            value=alert.value,
+            run=alert.run_id,
+            message=alert.message,
+        )
         if self.on_alert is not None:
             self.on_alert(alert)
         pub = self._publisher
@@ -503,8 +511,12 @@ class Daemon:
                 idx, ok = self.core.grid.nearest(np.array([rpm]), np.array([kpa]))
                 if ok[0]:
                     i, j = self.core.grid.cell_of(int(idx[0]))
-                    cell = {"rpm_index": i, "map_index": j, "rpm": self.core.grid.rpm_axis[i].item(),
-                            "map_kpa": self.core.grid.map_axis[j].item()}  # fmt: skip
+                    cell = {
+                        "rpm_index": i,
+                        "map_index": j,
+                        "rpm": self.core.grid.rpm_axis[i].item(),
+                        "map_kpa": self.core.grid.map_axis[j].item(),
+                    }
             run = self.core.run
             pub.publish_live(
                 pub.topic("live"),
@@ -534,8 +546,12 @@ class Daemon:
         cells = []
         for flat in changed.tolist():
             i, j = grid.cell_of(flat)
-            entry: dict[str, Any] = {"rpm_index": i, "map_index": j,
-                                     "rpm": grid.rpm_axis[i].item(), "map_kpa": grid.map_axis[j].item()}  # fmt: skip
+            entry: dict[str, Any] = {
+                "rpm_index": i,
+                "map_index": j,
+                "rpm": grid.rpm_axis[i].item(),
+                "map_kpa": grid.map_axis[j].item(),
+            }
             for cyl in ("front", "rear"):
                 s = run.cylinder(cyl)
                 wt = float(s.weight[flat])
@@ -550,13 +566,19 @@ class Daemon:
                     "knock_count": int(s.knock_count[flat]),
                 }
             cells.append(entry)
-        pub.publish_live(pub.topic(f"run/{run.run_id}/cells"), {"run_id": run.run_id, "cells": cells})
+        pub.publish_live(
+            pub.topic(f"run/{run.run_id}/cells"), {"run_id": run.run_id, "cells": cells}
+        )
         covered = int(np.count_nonzero(w >= tuning.min_weight))
         self._publish_retained(
-            pub, "run/current", {"run_id": run.run_id, "start_s": run.start_t, "cells_covered": covered}
+            pub,
+            "run/current",
+            {"run_id": run.run_id, "start_s": run.start_t, "cells_covered": covered},
         )
 
-    def _publish_retained(self, pub: Publisher, suffix: str, payload: dict[str, Any] | None) -> None:
+    def _publish_retained(
+        self, pub: Publisher, suffix: str, payload: dict[str, Any] | None
+    ) -> None:
         pub.publish_retained(pub.topic(suffix), payload)
 
     def _publish_state(self, pub: Publisher) -> None:
@@ -625,8 +647,11 @@ class Daemon:
             if path.stem == self.recorder.run_id:
                 continue
             try:
-                core = Core(grid=self.settings.grid, tuning=self.settings.tuning,
-                            station=self.settings.station)  # fmt: skip
+                core = Core(
+                    grid=self.settings.grid,
+                    tuning=self.settings.tuning,
+                    station=self.settings.station,
+                )
                 started = False
                 for frame in read_log(path, format="canonical"):
                     if not len(frame):
