@@ -18,7 +18,7 @@ from dynoai_daemon.core import target_from_table, transport_delay_s
 
 @dataclass
 class Plan:
-    """Steps: ("hold", rpm, kpa, seconds), ("pull", rpm0, rpm1, seconds),
+    """Steps: ("hold", rpm, kpa, seconds[, tps]), ("pull", rpm0, rpm1, seconds),
     ("snap", rpm, seconds), ("idle", seconds)."""
 
     steps: list[tuple[object, ...]] = field(default_factory=list)
@@ -63,11 +63,12 @@ def make_log(
     for step in plan.steps:
         kind = step[0]
         if kind == "hold":
-            _, r, k, s = step
+            r, k, s = step[1], step[2], step[3]
             n = int(float(s) / dt)
             rpm_parts.append(np.full(n, float(r)))
             kpa_parts.append(np.full(n, float(k)))
-            tps_parts.append(np.full(n, 15.0 + 85.0 * (float(k) - 20) / 85.0))
+            tps = float(step[4]) if len(step) > 4 else 15.0 + 85.0 * (float(k) - 20) / 85.0
+            tps_parts.append(np.full(n, tps))
         elif kind == "pull":
             _, r0, r1, s = step
             n = int(float(s) / dt)
@@ -99,7 +100,8 @@ def make_log(
     for name, ratio in (("afr_front", ratio_front), ("afr_rear", ratio_rear)):
         true_afr = target * bilinear_truth(ratio, rpm, kpa)
         if pop_afr is not None:
-            true_afr = np.where(tps <= 3.0, pop_afr, true_afr)
+            # lean pops only on the closed-throttle overrun of a snap, not at idle
+            true_afr = np.where((tps <= 3.0) & (rpm >= 1500.0), pop_afr, true_afr)
         seen = np.interp(t - d, t, true_afr)
         cols[name] = seen + rng.normal(0, noise, n)
     cols["afr_target"] = target
