@@ -57,8 +57,10 @@ def injected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
     rf, rr = truth(11)
     f1 = make_log(plan(hot=False), rf, rr, seed=1, knock_rear=[(4000, 5000, 2.0)], pop_afr=16.8)
     f2 = make_log(plan(hot=True), rf, rr, seed=2, iat=(100.0, 165.0))
-    f = Frame(np.concatenate([f1.t, f2.t + f1.t[-1] + 5.0]),
-              {k: np.concatenate([f1.columns[k], f2.columns[k]]) for k in f1.columns})  # fmt: skip
+    f = Frame(
+        np.concatenate([f1.t, f2.t + f1.t[-1] + 5.0]),
+        {k: np.concatenate([f1.columns[k], f2.columns[k]]) for k in f1.columns},
+    )
     path = tmp_path_factory.mktemp("logs") / "injected.csv"
     write_canonical(path, [f])
     return path, rf, rr
@@ -94,8 +96,10 @@ def test_canonical_replay_recovers_truth_and_patterns(injected, tmp_path: Path) 
     # knock on the rear at WOT in the first log only
     (kn,) = first.patterns.knock_timing
     assert kn.knock_cells_rear and not kn.knock_cells_front
-    assert all(first.grid.rpm_axis[i] >= 3750 and first.grid.map_axis[j] >= 90
-               for i, j, _ in kn.knock_cells)  # fmt: skip
+    assert all(
+        first.grid.rpm_axis[i] >= 3750 and first.grid.map_axis[j] >= 90
+        for i, j, _ in kn.knock_cells
+    )
     assert not second.patterns.knock_timing
     # decel popping where lean spikes were injected
     (pop,) = first.patterns.decel_popping
@@ -115,10 +119,16 @@ def test_canonical_replay_recovers_truth_and_patterns(injected, tmp_path: Path) 
 
 
 def _powervision(path: Path, f: Frame) -> None:
-    sig = [("RPM", "rpm", "rpm"), ("MAP", "map_kpa", "kPa"), ("TP", "tps_pct", "%"),
-           ("WBO2 F", "afr_front", "AFR"), ("WBO2 R", "afr_rear", "AFR"),
-           ("Spark Knock R", "knock_rear_deg", "deg"), ("IAT", "iat_f", "F"),
-           ("ET", "ect_f", "F")]  # fmt: skip
+    sig = [
+        ("RPM", "rpm", "rpm"),
+        ("MAP", "map_kpa", "kPa"),
+        ("TP", "tps_pct", "%"),
+        ("WBO2 F", "afr_front", "AFR"),
+        ("WBO2 R", "afr_rear", "AFR"),
+        ("Spark Knock R", "knock_rear_deg", "deg"),
+        ("IAT", "iat_f", "F"),
+        ("ET", "ect_f", "F"),
+    ]
     lines = ["Dynojet Power Vision Log File"]
     for n, (name, _, unit) in enumerate(sig):
         lines.append(f'{n},"PV","{n}","{name}","{unit}","","#000000"')
@@ -152,7 +162,9 @@ def test_power_vision_replay_gives_the_same_corrections(injected, tmp_path: Path
     assert s.patterns.knock_timing and s.patterns.cylinder_imbalance
 
 
-def test_corrupted_line_exits_2_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_corrupted_line_exits_2_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = tmp_path / "bad.csv"
     rows = ["time_s,rpm,map_kpa,tps_pct,afr_front"] + [
         f"{i / 100},3000,60,40,13.1" for i in range(50)
@@ -168,9 +180,20 @@ def test_corrupted_line_exits_2_with_file_and_line(tmp_path: Path, capsys: pytes
 def test_replay_cli_prints_a_summary_per_run(injected, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path, _, _ = injected
     out = subprocess.run(
-        [sys.executable, "-m", "dynoai_daemon.cli.main", "replay", str(path), "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dynoai_daemon.cli.main",
+            "replay",
+            str(path),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("run ")]
     assert len(lines) == 2
     assert "cell-cylinders learned" in lines[0] and "knock cells" in lines[0]
@@ -186,7 +209,9 @@ def test_replay_cli_prints_a_summary_per_run(injected, tmp_path: Path) -> None: 
         ("not = [toml\n", "not valid TOML"),
     ],
 )
-def test_bad_config_names_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, field: str) -> None:  # fmt: skip
+def test_bad_config_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, field: str
+) -> None:
     p = tmp_path / "c.toml"
     p.write_text(toml)
     assert main(["config", "check", str(p)]) == 2
