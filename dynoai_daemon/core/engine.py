@@ -455,8 +455,7 @@ class Core:
         span_of = self._assign(idx, span_start, span_end)
         learned = ok & (span_of >= 0)
         if learned.any():
-            cells, weights = self.grid.bilinear(rpm, mapk)
-            nearest, _ = self.grid.nearest(rpm, mapk)
+            cells, weights, nearest, _ = self.grid.locate(rpm, mapk)
             for si, (_, _, run) in enumerate(spans):
                 m = learned & (span_of == si)
                 if not m.any():
@@ -514,6 +513,8 @@ class Core:
         if idx.size == 0:
             return e, e, e, e
         r, m, v = rpm[idx], mapk[idx], col[idx]
+        if not spans:
+            return t[idx], v, r, m
         nearest, valid = self.grid.nearest(r, m)
         span_of = self._assign(idx, span_start, span_end)
         for si, (_, _, run) in enumerate(spans):
