@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -92,6 +93,22 @@ def _segments(code: npt.NDArray[np.int8], prev: int, extra: IntArray | None = No
     return starts.astype(np.intp)
 
 
+@dataclass
+class _DelayedState:
+    """Engine state matched to a set of AFR readings (see ``Core._engine_state``)."""
+
+    idx: IntArray
+    ts: FloatArray
+    k: IntArray
+    rpm: FloatArray
+    map_kpa: FloatArray
+    target: FloatArray
+    from_ecu: BoolArray
+    ok: BoolArray
+    span_of: IntArray
+    located: tuple[IntArray, FloatArray, IntArray, BoolArray] | None = None
+
+
 class Core:
     """The streaming tuning core of one station.
 
@@ -131,6 +148,7 @@ class Core:
         self._hot_since: float | None = None
         self._last_t = -math.inf
         self._utc_origin: tuple[float, datetime] | None = None
+        self._state_cache: _DelayedState | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -152,6 +170,7 @@ class Core:
             ValueError: the frame goes back in time.
         """
         win = self.timeline.window(frame)
+        self._state_cache = None
         n = len(frame)
         rows = win.batch_rows()
         t = frame.t
@@ -394,6 +413,62 @@ class Core:
         inside = (si >= 0) & (rows < span_end[np.maximum(si, 0)])
         return np.where(inside, si, -1)
 
+    def _engine_state(
+        self,
+        win: Window,
+        idx: IntArray,
+        te: FloatArray,
+        rpm_rows: FloatArray,
+        span_start: IntArray,
+        span_end: IntArray,
+    ) -> _DelayedState:
+        """Engine state one transport delay before each reading, and the engine gates.
+
+        Front and rear readings usually arrive on the same rows (one MTS packet, one log
+        row), so the result is kept for the batch and reused when the rows are the same.
+        """
+        cached = self._state_cache
+        if cached is not None and np.array_equal(cached.idx, idx):
+            return cached
+        cfg = self.tuning
+        ts = te - transport_delay_s(rpm_rows[idx], cfg)
+        k = win.rows_at(ts)
+        rpm = win.value("rpm", k, ts)
+        mapk = win.value("map_kpa", k, ts)
+        tps = win.value("tps_pct", k, ts)
+        ect = win.value("ect_f", k, ts)
+        ecu_target = win.value("afr_target", k, ts) if cfg.use_ecu_target else None
+        w_s = cfg.rate_window_ms / 1000.0
+        tb = ts - w_s
+        kb = win.rows_at(tb)
+        tps_b = win.value("tps_pct", kb, tb)
+        map_b = win.value("map_kpa", kb, tb)
+        rpm_b = win.value("rpm", kb, tb)
+        table = target_from_table(mapk, cfg)
+        if ecu_target is not None:
+            from_ecu = ~np.isnan(ecu_target)
+            target = np.where(from_ecu, ecu_target, table)
+        else:
+            from_ecu = np.zeros(idx.size, dtype=bool)
+            target = table
+        with np.errstate(invalid="ignore"):
+            tps_rate = np.abs(tps - tps_b) / w_s
+            map_rate = np.abs(mapk - map_b) / w_s
+            rpm_rate = (rpm - rpm_b) / w_s
+            ok = ~np.isnan(rpm) & ~np.isnan(mapk) & (target >= 5.0)
+            ok &= np.isnan(ect) | (ect >= cfg.ect_min_f)
+            ok &= ~(tps_rate > cfg.max_tps_rate_pct_s)
+            ok &= ~(map_rate > cfg.max_map_rate_kpa_s)
+            closed = (tps <= cfg.decel_tps_pct) & (rpm_rate < -cfg.decel_rpm_rate)
+            ok &= ~closed
+        if self._recent_decels:
+            ok &= ~self._in_decel(ts)
+        span_of = self._assign(idx, span_start, span_end)
+        ok &= span_of >= 0
+        state = _DelayedState(idx, ts, k, rpm, mapk, target, from_ecu, ok, span_of)
+        self._state_cache = state
+        return state
+
     def _learn(
         self,
         win: Window,
@@ -414,50 +489,20 @@ class Core:
             return AfrEvents.empty()
         te = frame.t[idx]
         afr = col[idx]
-        brow = idx + win.batch_start
-        status = win.value(status_channel(afr_ch), brow)
+        status = win.value(status_channel(afr_ch), idx + win.batch_start)
         status_ok = np.isnan(status) | (status == SensorStatus.NORMAL)
-        rpm_now = rpm_rows[idx]
-        ts = te - transport_delay_s(rpm_now, cfg)
-        k = win.rows_at(ts)
-        rpm = win.value("rpm", k, ts)
-        mapk = win.value("map_kpa", k, ts)
-        tps = win.value("tps_pct", k, ts)
-        ect = win.value("ect_f", k, ts)
-        ve = win.value("ve_" + cyl, k, ts) if win.has("ve_" + cyl) else None
-        ecu_target = win.value("afr_target", k, ts) if cfg.use_ecu_target else None
-        w_s = cfg.rate_window_ms / 1000.0
-        tb = ts - w_s
-        kb = win.rows_at(tb)
-        tps_b = win.value("tps_pct", kb, tb)
-        map_b = win.value("map_kpa", kb, tb)
-        rpm_b = win.value("rpm", kb, tb)
-        table = target_from_table(mapk, cfg)
-        if ecu_target is not None:
-            from_ecu = ~np.isnan(ecu_target)
-            target = np.where(from_ecu, ecu_target, table)
-        else:
-            from_ecu = np.zeros(idx.size, dtype=bool)
-            target = table
+        st = self._engine_state(win, idx, te, rpm_rows, span_start, span_end)
         with np.errstate(invalid="ignore"):
-            tps_rate = np.abs(tps - tps_b) / w_s
-            map_rate = np.abs(mapk - map_b) / w_s
-            rpm_rate = (rpm - rpm_b) / w_s
-            ok = status_ok & (afr >= cfg.afr_min) & (afr <= cfg.afr_max)
-            ok &= ~np.isnan(rpm) & ~np.isnan(mapk) & (target >= 5.0)
-            ok &= np.isnan(ect) | (ect >= cfg.ect_min_f)
-            ok &= ~(tps_rate > cfg.max_tps_rate_pct_s)
-            ok &= ~(map_rate > cfg.max_map_rate_kpa_s)
-            closed = (tps <= cfg.decel_tps_pct) & (rpm_rate < -cfg.decel_rpm_rate)
-            ok &= ~closed
-        if self._recent_decels:
-            ok &= ~self._in_decel(ts)
-        span_of = self._assign(idx, span_start, span_end)
-        learned = ok & (span_of >= 0)
+            learned = st.ok & status_ok & (afr >= cfg.afr_min) & (afr <= cfg.afr_max)
         if learned.any():
-            cells, weights, nearest, _ = self.grid.locate(rpm, mapk)
+            if st.located is None:
+                st.located = self.grid.locate(st.rpm, st.map_kpa)
+            cells, weights, nearest, _ = st.located
+            ve = None
+            if win.has("ve_" + cyl):
+                ve = win.value("ve_" + cyl, st.k, st.ts)
             for si, (_, _, run) in enumerate(spans):
-                m = learned & (span_of == si)
+                m = learned & (st.span_of == si)
                 if not m.any():
                     continue
                 run.cylinder(cyl).add_afr(
@@ -465,16 +510,16 @@ class Core:
                     weights[:, m],
                     nearest[m],
                     afr[m],
-                    target[m],
+                    st.target[m],
                     None if ve is None else ve[m],
                 )
-                ne = int(np.count_nonzero(from_ecu[m]))
+                ne = int(np.count_nonzero(st.from_ecu[m]))
                 run.target_from_ecu += ne
                 run.target_from_table += int(np.count_nonzero(m)) - ne
         # Decel windows see every valid reading in a run, learned or not.
         if self._recent_decels:
-            self._decel_afr(te, afr, status_ok, span_of)
-        return AfrEvents(te, afr, rpm, mapk, learned)
+            self._decel_afr(te, afr, status_ok, st.span_of)
+        return AfrEvents(te, afr, st.rpm, st.map_kpa, learned)
 
     def _decel_afr(
         self, te: FloatArray, afr: FloatArray, status_ok: BoolArray, span_of: IntArray

@@ -102,8 +102,7 @@ def replay_logs(
         reader = read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
         result.result.files += 1
         first: float | None = None
-        frames = _shifted(reader, lambda f: f)
-        it: Iterable[Frame] = frames if speed is None else _paced(frames, speed)
+        it: Iterable[Frame] = reader if speed is None else _paced(reader, speed)
         tp = time.perf_counter()
         for frame in it:
             if not len(frame):
@@ -123,12 +122,11 @@ def replay_logs(
             tp = time.perf_counter()
         result.handle(core.stop_run("end_of_log"))
     result.result.discarded_runs = core.runs_discarded
+    if sessions is not None and result.result.sessions:
+        t0 = time.perf_counter()
+        sessions.append_many_to_dataset(result.result.sessions)
+        result.result.session_s += time.perf_counter() - t0
     return result.result
-
-
-def _shifted(frames: Iterable[Frame], fn: Callable[[Frame], Frame]) -> Iterator[Frame]:
-    for f in frames:
-        yield fn(f)
 
 
 @dataclass
@@ -149,8 +147,8 @@ class ResultSink:
                 t0 = time.perf_counter()
                 session = self.builder.build(ev.run)
                 if isinstance(self.store, SessionStore):
+                    # The dataset is written once at the end of the replay.
                     self.result.session_paths.append(self.store.save_session(session))
-                    self.store.append_to_dataset(session)
                 self.result.session_s += time.perf_counter() - t0
                 self.result.sessions.append(session)
                 if self.on_session is not None:

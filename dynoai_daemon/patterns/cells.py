@@ -90,10 +90,14 @@ def region_mask(grid: Grid, region: str) -> BoolArray:
 
 def to_nested(a: FloatArray, *, digits: int = 4) -> list[list[float | None]]:
     """Return a 2-D array as nested lists with NaN as None, rounded for JSON."""
-    out: list[list[float | None]] = []
-    for row in a.tolist():
-        out.append([None if v != v else round(float(v), digits) for v in row])
-    return out
+    rounded = np.round(a, digits)
+    rows: list[list[float | None]] = rounded.tolist()
+    if np.isfinite(rounded).all():
+        return rows
+    bad = ~np.isfinite(rounded)
+    for i, j in zip(*np.nonzero(bad), strict=True):
+        rows[i][j] = None
+    return rows
 
 
 def nan_to_none(x: float, digits: int = 4) -> float | None:

@@ -40,13 +40,13 @@ from dynoai_daemon.patterns.cells import CylinderCells, cylinder_cells, nan_to_n
 def _cyl_grid(c: CylinderCells) -> CylinderGrid:
     has_ve = bool(np.isfinite(c.new_ve).any())
     return CylinderGrid(
-        weight=[[round(float(v), 4) for v in row] for row in c.weight.tolist()],
+        weight=np.round(c.weight, 4).tolist(),
         afr_mean=to_nested(c.afr_mean),
         afr_target_mean=to_nested(c.target_mean),
         ve_correction_pct=to_nested(c.ve_correction_pct, digits=3),
         afr_std=to_nested(c.afr_std),
-        knock_count=[[int(v) for v in row] for row in c.knock_count.tolist()],
-        knock_max_deg=[[round(float(v), 3) for v in row] for row in c.knock_max.tolist()],
+        knock_count=c.knock_count.astype(np.int64).tolist(),
+        knock_max_deg=np.round(c.knock_max, 3).tolist(),
         new_ve=to_nested(c.new_ve, digits=3) if has_ve else None,
     )
 

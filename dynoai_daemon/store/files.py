@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,27 @@ class SessionStore:
         with self._dataset_lock():
             self._cached = None
             return atomic_write_text(self.dataset_path, dataset.to_json())
+
+    def append_many_to_dataset(self, sessions: Sequence[TuningSession]) -> dict[str, Any]:
+        """Add several sessions to ``dataset.json`` with one write (replay, recovery).
+
+        Same rules as :meth:`append_to_dataset`; rewriting the file once instead of once
+        per session keeps a long replay linear in its number of runs.
+        """
+        from dynoai_daemon.collector import TrainingDataCollector
+
+        with self._dataset_lock():
+            dataset = self._read_dataset(cached=True)
+            self._cached = None
+            collector = TrainingDataCollector.from_dataset(dataset)
+            for session in sessions:
+                collector.add_session(session)
+                collector.extract_session_patterns(session)
+            atomic_write_text(self.dataset_path, dataset.to_json())
+            sig = self._signature()
+            if sig is not None:
+                self._cached = (sig, dataset)
+            return dataset.summary()
 
     def append_to_dataset(self, session: TuningSession) -> dict[str, Any]:
         """Add a session and its patterns to ``dataset.json`` and write it atomically.
