@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -318,6 +319,17 @@ class CamSpecification(_Model):
     """Cam timing numbers; overlap is what drives idle VE, reversion and decel popping."""
 
     profile: CamProfile = CamProfile.OTHER
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_spelling(cls, v: Any) -> Any:
+        # Tuners write "S&S 585" or "Wood TW-222"; the enum spells it s_and_s_585.
+        if isinstance(v, str) and not isinstance(v, CamProfile):
+            key = re.sub(r"[^a-z0-9]+", "_", v.lower().replace("&", "_and_")).strip("_")
+            if key in CamProfile._value2member_map_:
+                return key
+        return v
+
     intake_duration_deg: OptFloat = Field(None, ge=100.0, le=360.0)
     exhaust_duration_deg: OptFloat = Field(None, ge=100.0, le=360.0)
     intake_lift_in: OptFloat = Field(None, ge=0.1, le=1.0)
