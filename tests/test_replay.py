@@ -230,3 +230,62 @@ def test_decode_cli_mts_capture(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert rows[1].split(",")[1] == "10.0842"
     assert len(rows) == 3
     assert "skipped_bytes=2" in cap.err
+
+
+def test_candump_log_replays_through_the_can_codecs(tmp_path: Path) -> None:
+    import can
+
+    from drivers import aemnet
+    from drivers.can_base import frame_to_message
+    from drivers.megasquirt import encode_signals
+
+    log = tmp_path / "pull.log"
+    writer = can.CanutilsLogWriter(str(log), channel="can0")
+    t = 1_700_000_000.0
+    # 3000 rpm, 60 kPa, TPS 40 for 4 s, widebands at lambda 0.95 (13.965 AFR) vs target 13.3
+    for i in range(400):
+        ts = t + i * 0.01
+        frames = encode_signals(
+            {"rpm": 3000, "map": 60.0, "tps": 40.0, "afrtgt1": 13.3, "clt": 200.0, "mat": 80.0}
+        )
+        frames += [aemnet.encode(0, 0.95), aemnet.encode(1, 0.95)]
+        for f in frames:
+            writer.on_message_received(frame_to_message(f, timestamp=ts))
+    for i in range(700):  # idle: the run closes
+        ts = t + 4.0 + i * 0.01
+        for f in encode_signals({"rpm": 900, "map": 30.0, "tps": 1.0, "afrtgt1": 14.5}):
+            writer.on_message_received(frame_to_message(f, timestamp=ts))
+    writer.stop()
+    res = replay_logs([log], Settings(data_dir=tmp_path), fmt="auto")
+    assert len(res.sessions) == 1
+    s = res.sessions[0]
+    i, j = idx(3000, 60)
+    assert s.grid.front.ve_correction_pct[i][j] == pytest.approx(5.0, abs=0.1)
+    assert s.grid.rear.ve_correction_pct[i][j] == pytest.approx(5.0, abs=0.1)
+    assert s.target_source == "ecu"
+
+
+async def test_replay_publish_sends_sessions_to_mqtt(injected, tmp_path: Path, mqtt_broker) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from tests.mosquitto import Subscriber
+
+    path, _, _ = injected
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'station = "rp"\n[mqtt]\nurl = "mqtt://127.0.0.1:{mqtt_broker.port}"\n')
+    async with Subscriber(mqtt_broker.port, "dynoai/rp/session/+") as sub:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dynoai_daemon.cli.main", "replay", "--publish",
+            "--config", str(cfg), "--data-dir", str(tmp_path / "d"), str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        ids = set()
+        async with asyncio.timeout(10):
+            while len(ids) < 2:
+                m = await sub.queue.get()
+                if not m.topic.endswith("/last"):
+                    ids.add(json.loads(m.payload)["session_id"])
+    stored = {p.stem for p in (tmp_path / "d" / "sessions").glob("*.json")}
+    assert ids == stored and len(ids) == 2

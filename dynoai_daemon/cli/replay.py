@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.speed is not None and args.speed <= 0:
         raise InputError("--speed must be positive")
     if args.publish:
-        raise InputError("--publish: replay to MQTT is not available yet; use dynoai simulate")
+        return _replay_publish(args)
     settings = settings_from_args(args)
     progress: Any = None
     task: Any = None
@@ -86,3 +86,60 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _replay_publish(args: argparse.Namespace) -> int:
+    """Replay through a Daemon with no drivers, so MQTT gets exactly what live would."""
+    import asyncio
+    import time
+
+    from dynoai_daemon.channels import Frame
+    from dynoai_daemon.logs import read_log, sniff_format
+    from dynoai_daemon.logs.replay import CAPTURE_FORMATS, FILE_GAP_S, capture_frames
+    from dynoai_daemon.service.daemon import Daemon
+
+    settings = settings_from_args(args)
+
+    async def go() -> int:
+        daemon = Daemon(
+            settings, drivers={}, on_session=lambda s: print(summary_line(s), flush=True)
+        )
+        task = asyncio.create_task(daemon.run(), name="daemon")
+        await daemon.ready.wait()
+        offset = 0.0
+        last = -float("inf")
+        rows = 0
+        for path in args.logs:
+            fmt = sniff_format(path) if args.format == "auto" else args.format
+            frames: Any = (
+                capture_frames(path, fmt, settings)
+                if fmt in CAPTURE_FORMATS
+                else read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
+            )
+            first = True
+            wall0 = time.monotonic()
+            for frame in frames:
+                if not len(frame):
+                    continue
+                if first:
+                    offset = (last + FILE_GAP_S - float(frame.t[0])) if last > -1e300 else 0.0
+                    first = False
+                f = Frame(frame.t + offset, frame.columns)
+                step = 200 if args.speed is None else 20
+                for i in range(0, len(f), step):
+                    part = f.slice(i, i + step)
+                    if args.speed is not None:
+                        due = wall0 + (float(part.t[0]) - float(f.t[0])) / args.speed
+                        await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    daemon._feed(part)
+                    rows += len(part)
+                    await asyncio.sleep(0)
+                last = float(f.t[-1])
+            daemon._handle_events(daemon.core.stop_run("end_of_log"))
+        await daemon.wait_sessions_idle()
+        daemon.request_stop()
+        await task
+        print(f"{rows} rows replayed and published", file=sys.stderr)
+        return 0
+
+    return asyncio.run(go())

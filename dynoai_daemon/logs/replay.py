@@ -22,6 +22,38 @@ from dynoai_daemon.models import TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 
 FILE_GAP_S = 10.0
+CAPTURE_FORMATS = {"candump": "can", "asc": "can", "blf": "can", "jetdrive": "udp"}
+DEFAULT_CAPTURE_DRIVERS = {"can": ("megasquirt", "aemnet"), "udp": ("jetdrive",)}
+
+
+def capture_frames(path: str | Path, fmt: str, settings: Settings) -> list[Frame]:
+    """Decode a CAN log or JetDrive pcap with the drivers' own codecs into one frame.
+
+    The CAN (or UDP) sources of the config say which drivers decode the capture, with
+    their options; without any, MegaSquirt + AEMnet (CAN) or JetDrive (pcap) are used.
+
+    Raises:
+        InputError / LogFormatError: the capture cannot be read.
+    """
+    from drivers.registry import driver_class
+    from dynoai_daemon.channels import samples_to_frame
+
+    kind = CAPTURE_FORMATS[fmt]
+    chosen = []
+    for src in settings.sources:
+        cls = driver_class(src.driver)
+        if cls.kind == kind:
+            chosen.append((cls, {"source": src.name, **src.options()}))
+    if not chosen:
+        chosen = [(driver_class(n), {"source": n}) for n in DEFAULT_CAPTURE_DRIVERS[kind]]
+    samples = []
+    for cls, options in chosen:
+        decoded, _ = cls.decode_capture(path, **options)
+        samples.extend(decoded)
+    frame = samples_to_frame(samples)
+    return [frame] if len(frame) else []
+
+
 PACE_SLICE_S = 0.02
 
 
@@ -99,7 +131,14 @@ def replay_logs(
     )
     offset = 0.0
     for path in paths:
-        reader = read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
+        from dynoai_daemon.logs import sniff_format
+
+        resolved = sniff_format(Path(path)) if fmt == "auto" else fmt
+        reader: Iterable[Frame]
+        if resolved in CAPTURE_FORMATS:
+            reader = capture_frames(path, resolved, settings)
+        else:
+            reader = read_log(path, format=resolved, stoich=settings.tuning.stoich_afr)
         result.result.files += 1
         first: float | None = None
         it: Iterable[Frame] = reader if speed is None else _paced(reader, speed)
