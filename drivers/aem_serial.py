@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, ClassVar, Final, Literal
 
-from drivers.serial_base import LineSplitter, SerialDriver, check_positive
+from drivers.serial_base import LineCounters, LineSplitter, SerialDriver, check_positive
 from dynoai_daemon.channels import STOICH_GASOLINE, Sample
 from dynoai_daemon.errors import ConfigError
 
@@ -42,7 +42,7 @@ def parse_line(line: bytes) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class AemDecoder:
+class AemDecoder(LineCounters):
     """Incremental decoder of the gauge's line stream.
 
     Args:
@@ -63,16 +63,6 @@ class AemDecoder:
         self.out_of_range = 0
         self._bad = 0
         self._skipped = 0
-
-    @property
-    def bad_frames(self) -> int:
-        """Bad lines so far (including over-long ones)."""
-        return self._bad + self._lines.overlong
-
-    @property
-    def skipped_bytes(self) -> int:
-        """Bytes of bad lines so far."""
-        return self._skipped + self._lines.overlong_bytes
 
     def _decode(self, lines: list[bytes]) -> list[float]:
         out: list[float] = []

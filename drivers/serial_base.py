@@ -61,6 +61,27 @@ class StreamDecoder(Protocol):
         ...
 
 
+class LineCounters:
+    """Bad-line and skipped-byte counters shared by the line-based decoders.
+
+    Subclasses set ``_lines`` (a :class:`LineSplitter`), ``_bad`` and ``_skipped``.
+    """
+
+    _lines: LineSplitter
+    _bad: int
+    _skipped: int
+
+    @property
+    def bad_frames(self) -> int:
+        """Bad lines so far (including over-long ones)."""
+        return self._bad + self._lines.overlong
+
+    @property
+    def skipped_bytes(self) -> int:
+        """Bytes of bad lines so far."""
+        return self._skipped + self._lines.overlong_bytes
+
+
 class LineSplitter:
     """Frame an ASCII byte stream into lines (``\\n``, ``\\r\\n`` or a lone ``\\r`` end one).
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal
 
-from drivers.serial_base import LineSplitter, SerialDriver, check_positive
+from drivers.serial_base import LineCounters, LineSplitter, SerialDriver, check_positive
 from dynoai_daemon.channels import Sample
 from dynoai_daemon.errors import ConfigError
 
@@ -40,7 +40,7 @@ class CsvRow:
     device_t: float | None = None
 
 
-class SerialCsvDecoder:
+class SerialCsvDecoder(LineCounters):
     """Incremental CSV line decoder.
 
     Args:
@@ -76,16 +76,6 @@ class SerialCsvDecoder:
         self.header_lines = 0
         self._bad = 0
         self._skipped = 0
-
-    @property
-    def bad_frames(self) -> int:
-        """Bad lines so far (including over-long ones)."""
-        return self._bad + self._lines.overlong
-
-    @property
-    def skipped_bytes(self) -> int:
-        """Bytes of bad lines so far."""
-        return self._skipped + self._lines.overlong_bytes
 
     def parse_line(self, line: bytes) -> CsvRow | None:
         """Decode one line (terminator removed); None if it is bad or a header."""

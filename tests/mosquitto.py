@@ -28,18 +28,9 @@ from typing import Any
 
 import aiomqtt
 
+from simulators.broker import find_mosquitto
+
 SYSTEM_PORT = 1883
-
-
-def find_mosquitto() -> str | None:
-    """Return the mosquitto binary's path, or None (Debian puts it in /usr/sbin)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for cand in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.access(cand, os.X_OK):
-            return cand
-    return None
 
 
 def free_port() -> int:
