@@ -185,6 +185,11 @@ def main() -> None:
         stages.append(("core", "core", batch_s))
         # the core has a fixed cost per feed() call: show how it amortises over 100 ms
         stages.append(("core@100ms", "core", 0.1))
+        # What a saturated bus looks like to the daemon: 20 ms of 9,009 frames/s is ~180
+        # frames per feed. The mix above is ~970 frames/s of bus time, so the same frame
+        # count per feed is a batch of 180 / rate seconds of it.
+        rate = len(frames) / span
+        stages.append(("core@sat", "core", batch_s * SATURATED_1MBIT_FPS / rate))
     results: dict[str, float] = {}
     for label, stage, bs in stages:
         secs, n_samples, rows = run(frames, bs, stage)
@@ -196,7 +201,7 @@ def main() -> None:
             f"{n_samples / secs:>11,.0f} samples/s  ({n_samples:,} samples{extra})"
         )
     print(f"core included: {'yes' if core_available else 'no (dynoai_daemon.core.Core missing)'}")
-    for label in ("frame", "core", "core@100ms"):
+    for label in ("frame", "core", "core@100ms", "core@sat"):
         if label not in results:
             continue
         ratio = results[label] / SATURATED_1MBIT_FPS
