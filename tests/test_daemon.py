@@ -239,3 +239,41 @@ async def test_commands_and_bad_requests(running: dict[str, Any]) -> None:
     assert oks["t-3"][1]["data"]["stopped"] is True
     assert oks["t-4"][1]["data"]["pong"] is True
     assert running["daemon"].builder.build_config.displacement_ci == 103
+
+
+async def test_sighup_reloads_alert_limits_and_build(tmp_path: Path) -> None:
+    import signal
+
+    cfg = tmp_path / "dynoai.toml"
+    body = (
+        f'station = "hup"\ndata_dir = "{tmp_path}"\n[mqtt]\nenabled = false\n'
+        "[alerts]\nlean_limit_afr = {lean}\n"
+        '[build]\nengine_family = "twin_cam"\ndisplacement_ci = {ci}\n'
+    )
+    cfg.write_text(body.format(lean=13.8, ci=103))
+    from dynoai_daemon.config import load_settings
+
+    daemon = Daemon(load_settings(cfg), config_path=str(cfg), drivers={})
+    reloaded = asyncio.Event()
+    original = daemon.reload
+
+    def reload_and_tell() -> None:
+        original()
+        reloaded.set()
+
+    daemon.reload = reload_and_tell  # type: ignore[method-assign]
+    task = asyncio.create_task(daemon.run())
+    await asyncio.wait_for(daemon.ready.wait(), 10)
+    try:
+        cfg.write_text(body.format(lean=13.2, ci=117))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.wait_for(reloaded.wait(), 5)
+        assert daemon.alerts.config.lean_limit_afr == 13.2
+        assert daemon.builder.build_config.displacement_ci == 117
+        # a broken edit is logged and ignored: the daemon keeps the last good values
+        cfg.write_text("station = [oops\n")
+        original()
+        assert daemon.alerts.config.lean_limit_afr == 13.2
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 10)
