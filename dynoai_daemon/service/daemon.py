@@ -127,6 +127,17 @@ class Hub:
         return out
 
 
+async def _bounded(aw: Any, seconds: float, what: str) -> None:
+    """Await ``aw`` for at most ``seconds``; log (never raise) a failure or time-out."""
+    try:
+        async with asyncio.timeout(seconds):
+            await aw
+    except TimeoutError:
+        log.warning("shutdown step timed out", step=what, seconds=seconds)
+    except Exception as exc:
+        log.warning("shutdown step failed", step=what, error=repr(exc))
+
+
 def _finite(v: float) -> float | None:
     return round(v, 4) if math.isfinite(v) else None
 
@@ -245,25 +256,21 @@ class Daemon:
                 notifier.stopping()
                 log.info("daemon stopping", station=self.settings.station)
                 # Reverse order: drivers, then core (flush the last samples), sessions, MQTT.
+                # Every step is bounded so SIGTERM always ends within the 10 s promised.
                 for st in drivers.values():
-                    with contextlib.suppress(Exception):
-                        await st.driver.close()
-                for t in driver_tasks:
+                    await _bounded(st.driver.close(), 1.0, f"close {st.name}")
+                for t in [*driver_tasks, health_task, wd_task, core_task]:
                     t.cancel()
-                health_task.cancel()
-                wd_task.cancel()
-                core_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await core_task
+                await asyncio.wait([*driver_tasks, health_task, wd_task, core_task], timeout=2.0)
                 self._process(self.hub.drain())
                 self._handle_events(self.core.stop_run("shutdown"))
                 self.recorder.stop()
-                await self._sessions_q.put(None)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sessions_task
+                self._sessions_q.put_nowait(None)
+                await asyncio.wait([sessions_task], timeout=4.0)
+                sessions_task.cancel()
                 if pub is not None and mqtt_task is not None:
                     self._publish_retained(pub, "run/current", None)
-                    await pub.stop(flush_timeout=5.0)
+                    await _bounded(pub.stop(flush_timeout=2.5), 3.5, "mqtt stop")
                     mqtt_task.cancel()
         finally:
             for sig in installed:
