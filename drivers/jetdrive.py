@@ -726,7 +726,8 @@ class JetDriveDriver(Driver):
         while True:
             timeout = max(0.05, min(0.5, next_ping - self.clock()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proto.lost.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can eat a cancel
+                    await proto.lost.wait()
             if proto.lost.is_set():
                 raise DriverOperationError(f"{self.source}: JetDrive socket closed: {proto.exc}")
             now = self.clock()

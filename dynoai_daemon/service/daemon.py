@@ -138,6 +138,13 @@ async def _bounded(aw: Any, seconds: float, what: str) -> None:
         log.warning("shutdown step failed", step=what, error=repr(exc))
 
 
+def _log_stuck(tasks: set[asyncio.Task[Any]]) -> None:
+    """Name the tasks that ignored cancellation (a bug: the TaskGroup would wait forever)."""
+    for t in tasks:
+        where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
+        log.error("task did not stop when cancelled", task=t.get_name(), stack=where)
+
+
 def _finite(v: float) -> float | None:
     return round(v, 4) if math.isfinite(v) else None
 
@@ -261,7 +268,10 @@ class Daemon:
                     await _bounded(st.driver.close(), 1.0, f"close {st.name}")
                 for t in [*driver_tasks, health_task, wd_task, core_task]:
                     t.cancel()
-                await asyncio.wait([*driver_tasks, health_task, wd_task, core_task], timeout=2.0)
+                _, stuck = await asyncio.wait(
+                    [*driver_tasks, health_task, wd_task, core_task], timeout=2.0
+                )
+                _log_stuck(stuck)
                 self._process(self.hub.drain())
                 self._handle_events(self.core.stop_run("shutdown"))
                 self.recorder.stop()
@@ -360,8 +370,12 @@ class Daemon:
         period = self.settings.batch_ms / 1000.0
         while True:
             self._loop_beat = time.monotonic()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the result when the
+            # event fires in the same iteration as a cancel, swallowing the cancel, and the
+            # TaskGroup then waits for this loop forever (seen as a hung SIGTERM).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.hub.event.wait(), timeout=0.5)
+                async with asyncio.timeout(0.5):
+                    await self.hub.event.wait()
             # Micro-batch: gather what arrives within one batch period.
             await asyncio.sleep(period)
             self._process(self.hub.drain())
@@ -493,6 +507,7 @@ class Daemon:
         self.hub.stats.alerts += 1
         log.warning(
             "alert",
+            id=alert.id,
             kind=alert.kind,
             cylinder=alert.cylinder,
             value=alert.value,
