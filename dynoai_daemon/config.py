@@ -140,6 +140,7 @@ class MqttConfig(_Section):
     ca_file: str = ""
     client_id: str = ""
     keepalive_s: int = Field(10, ge=1, le=3600)
+    reconnect_max_s: float = Field(30.0, ge=0.1, le=3600)
     enabled: bool = True
 
     @field_validator("url")

@@ -603,6 +603,7 @@ def make_publisher(
     handler: CommandHandler | None = None
     if on_request is not None:
         handler = CommandRouter.for_dispatcher(on_request, topics=topics).handle
+    kwargs.setdefault("backoff_max", m.reconnect_max_s)
     return MqttPublisher(
         url=m.url,
         station=settings.station,
