@@ -131,9 +131,7 @@ class Driver(abc.ABC):
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, DriverError):
-                await task
+            await cancel_and_wait(task)
         with contextlib.suppress(Exception):
             await self._close()
         self._set_online(False, "closed")
@@ -258,6 +256,27 @@ class Driver(abc.ABC):
             raise
         except Exception as exc:  # a bug in a codec must not hang readers
             self._put_nowait(DriverError(f"{self.source}: {exc!r}"))
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait for them to end, ignoring how they ended.
+
+    Unlike ``task.cancel(); with suppress(CancelledError): await task`` this never
+    swallows a cancel aimed at the *caller* while it waits: that one is re-raised.
+    """
+    me = asyncio.current_task()
+    before = me.cancelling() if me is not None else 0
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except asyncio.CancelledError:
+            # A cancel of the caller that arrived while waiting raised the count.
+            if me is not None and me.cancelling() > before:
+                raise
+        except Exception:  # the task's own failure is not the caller's business here
+            pass
 
 
 def nominal_time(index: int, period_s: float, start: float = 0.0) -> float:

@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import structlog
 
-from drivers.base import Driver, DriverStats
+from drivers.base import Driver, DriverStats, cancel_and_wait
 from drivers.jetdrive_codec import (
     ALL_HOSTS,
     DEFAULT_GROUP,
@@ -1064,9 +1064,7 @@ class JetDriveProvider:
         """Stop serving and close the socket; safe to call more than once."""
         task, self._announcer = self._announcer, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import can
 
-from drivers.base import DriverStats
+from drivers.base import DriverStats, cancel_and_wait
 from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, frame_to_message, parse_int
 from dynoai_daemon.channels import Sample
 from dynoai_daemon.errors import ConfigError, DriverOperationError, ProtocolError
@@ -459,11 +459,7 @@ class Obd2Driver(CanDriver):
                 task.result()
             raise DriverOperationError(f"{self.source}: OBD poller stopped")
         finally:
-            for task in (consumer, poller):
-                task.cancel()
-            for task in (consumer, poller):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(consumer, poller)
             self._outstanding = None
 
     async def _poll(self) -> None:
