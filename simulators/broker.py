@@ -92,7 +92,9 @@ def _start_mosquitto(binary: str, timeout: float) -> BrokerHandle | None:
     port = free_tcp_port()
     conf = Path(tmp.name) / "mosquitto.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n",
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        # Nagle on the broker's sockets delays each small alert by up to one round trip.
+        "set_tcp_nodelay true\npersistence false\nlog_dest none\n",
         encoding="utf-8",
     )
     proc = subprocess.Popen(

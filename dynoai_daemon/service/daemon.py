@@ -28,7 +28,7 @@ import structlog
 
 from dynoai_daemon import __version__
 from dynoai_daemon.alerts import Alert, AlertEngine
-from dynoai_daemon.channels import Frame, Sample, samples_to_frame
+from dynoai_daemon.channels import KNOCK_CHANNELS, Frame, Sample, samples_to_frame
 from dynoai_daemon.config import Settings, load_settings, session_context
 from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
 from dynoai_daemon.models import BuildConfiguration, TuningSession
@@ -89,16 +89,23 @@ class HubStats:
 
 @dataclass
 class Hub:
-    """Bounded queue of sample batches with drop-oldest for live telemetry."""
+    """Bounded queue of sample batches with drop-oldest for live telemetry.
+
+    ``event`` is set when anything is queued; ``urgent`` when a batch carries knock
+    retard, so the core cuts its micro-batch short and the knock alert leaves at once
+    instead of up to ``batch_ms`` later.
+    """
 
     maxsize: int = HUB_MAX_BATCHES
     stats: HubStats = field(default_factory=HubStats)
     queue: asyncio.Queue[list[Sample]] = field(init=False)
     event: asyncio.Event = field(init=False)
+    urgent: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.maxsize)
         self.event = asyncio.Event()
+        self.urgent = asyncio.Event()
 
     def put(self, batch: list[Sample]) -> None:
         """Add a batch, dropping the oldest queued batch when full."""
@@ -113,6 +120,10 @@ class Hub:
         self.stats.batches_in += 1
         self.stats.samples_in += len(batch)
         self.event.set()
+        if not self.urgent.is_set() and any(
+            s.value > 0 and s.channel in KNOCK_CHANNELS for s in batch
+        ):
+            self.urgent.set()
 
     def drain(self) -> list[Sample]:
         """Take everything queued now."""
@@ -124,6 +135,7 @@ class Hub:
             except asyncio.QueueEmpty:
                 break
         self.event.clear()
+        self.urgent.clear()
         return out
 
 
@@ -376,8 +388,12 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
                     await self.hub.event.wait()
-            # Micro-batch: gather what arrives within one batch period.
-            await asyncio.sleep(period)
+            # Micro-batch: gather what arrives within one batch period, unless knock
+            # arrives (then process now: the alert is latency-bound).
+            if not self.hub.urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(period):
+                        await self.hub.urgent.wait()
             self._process(self.hub.drain())
             self._check_stale()
 
