@@ -33,6 +33,7 @@ from dynoai_daemon.config import Settings, load_settings, session_context
 from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
+from dynoai_daemon.service.arbiter import ChannelArbiter
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
 
 log = structlog.get_logger("dynoai.daemon")
@@ -79,6 +80,7 @@ class HubStats:
     samples_in: int = 0
     dropped_batches: int = 0
     late_samples: int = 0
+    shadowed_samples: int = 0
     frames_fed: int = 0
     rows_fed: int = 0
     alerts: int = 0
@@ -213,6 +215,7 @@ class Daemon:
         self._cells_seen: np.ndarray | None = None
         self._loop_beat = time.monotonic()
         self._t_last_fed = -math.inf
+        self.arbiter = ChannelArbiter(())
         self._since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.store: Any = None
 
@@ -346,6 +349,8 @@ class Daemon:
                 if getattr(d, "on_availability", None) is None:
                     d.on_availability = self._on_availability
         self.sources = {name: SourceState(name, d) for name, d in built.items()}
+        # A channel two sources report is taken from the one listed first (arbiter.py).
+        self.arbiter = ChannelArbiter(self.sources)
         return self.sources
 
     def _on_availability(self, source: str, online: bool, reason: str) -> None:
@@ -402,16 +407,23 @@ class Daemon:
             return None
         # The core needs non-decreasing time: a sample stamped before what was already fed
         # (a late queue, a clock-aligned device time) is moved up and counted.
+        # A channel several sources report comes from one of them (arbiter.py).
         last = self._t_last_fed
         fixed: list[Sample] = []
         late = 0
+        admit = self.arbiter.admit
         for s in samples:
+            if not admit(s):
+                continue
             if s.t < last:
                 late += 1
                 fixed.append(Sample(last, s.channel, s.value, s.source, s.device_t))
             else:
                 fixed.append(s)
         self.hub.stats.late_samples += late
+        self.hub.stats.shadowed_samples = self.arbiter.shadowed
+        if not fixed:
+            return None
         frame = samples_to_frame(fixed)
         return self._feed(frame)
 
