@@ -6,6 +6,13 @@ right dynoai was: the VE correction error in every cell-cylinder that both the d
 learned and the truth counts as steadily visited, the imbalance cells found against the
 true ones (recall, false cells, and false cells whose true delta is not even near the
 threshold), the knock cells, whether decel popping and heat soak were reported.
+
+Heat soak: in the truth's ``heat_soak_cells`` the reference is what the engine really
+did while hot, ``ve_ratio * ve_heat_factor`` (the scenario's ECU under-corrects the
+density of hot air, so those cells really ran rich: the daemon must measure that, and
+flag it with the heat-soak overlay, not hide it); everywhere else the heat-free ratio.
+``ve_p95_abs_heat_free`` keeps the error against the heat-free ratio in every cell, so a
+report shows how much the soak moved the cells.
 :func:`compare_runs` compares two sets of sessions of the same scenario (repeatability).
 """
 
@@ -32,6 +39,14 @@ class Comparison:
     ve_errors: list[float] = field(default_factory=list)
     ve_p95_abs: float | None = None
     ve_cells: int = 0
+    #: errors against the heat-free truth ratio in every cell (= ve_errors without soak)
+    ve_errors_heat_free: list[float] = field(default_factory=list)
+    ve_p95_abs_heat_free: float | None = None
+    #: cell-cylinders held against the soak-inclusive reference (truth heat_soak_cells)
+    ve_soak_cells: int = 0
+    heat_soak_truth: set[tuple[float, float]] = field(default_factory=set)
+    #: cells where a session's heat-soak overlay carries a correction
+    heat_soak_overlay: set[tuple[float, float]] = field(default_factory=set)
     imbalance_truth: set[tuple[float, float]] = field(default_factory=set)
     imbalance_found: set[tuple[float, float]] = field(default_factory=set)
     imbalance_recall: float | None = None
@@ -54,6 +69,10 @@ class Comparison:
             "sessions": self.sessions,
             "ve_cells": self.ve_cells,
             "ve_p95_abs_pp": None if self.ve_p95_abs is None else round(self.ve_p95_abs, 3),
+            "ve_p95_abs_heat_free_pp": None
+            if self.ve_p95_abs_heat_free is None
+            else round(self.ve_p95_abs_heat_free, 3),
+            "ve_soak_cells": self.ve_soak_cells,
             "imbalance_truth": len(self.imbalance_truth),
             "imbalance_found": len(self.imbalance_found),
             "imbalance_recall": self.imbalance_recall,
@@ -66,6 +85,9 @@ class Comparison:
             "decel_popping": self.decel_popping,
             "pop_severity_max": self.pop_severity_max,
             "heat_soak": self.heat_soak,
+            "heat_soak_truth": len(self.heat_soak_truth),
+            "heat_soak_overlay": len(self.heat_soak_overlay),
+            "heat_soak_overlay_hit": len(self.heat_soak_truth & self.heat_soak_overlay),
         }
 
 
@@ -83,7 +105,10 @@ def compare_sessions(sessions: Iterable[Any], truth: Mapping[str, Any]) -> Compa
         "rear": np.asarray(truth["ve_ratio_rear"], dtype=float),
     }
     visited = {(float(a), float(b)) for a, b in truth["visited_cells"]}
+    # Older truth files carry no heat-soak reference: every cell is then heat-free.
+    heat = np.asarray(truth.get("ve_heat_factor") or np.ones_like(ratio["front"]), dtype=float)
     out = Comparison()
+    out.heat_soak_truth = {(float(a), float(b)) for a, b in truth.get("heat_soak_cells", [])}
     out.imbalance_truth = {(float(a), float(b)) for a, b in truth["imbalance_cells"]}
     out.knock_truth = {(float(a), float(b)) for a, b in truth["knock_cells"]}
     for raw in sessions:
@@ -107,7 +132,13 @@ def compare_sessions(sessions: Iterable[Any], truth: Mapping[str, Any]) -> Compa
                         if cell[1] not in ma:
                             continue
                         ti, tj = ra.index(cell[0]), ma.index(cell[1])
-                        out.ve_errors.append(float(v) - (ratio[cyl][ti, tj] - 1.0) * 100.0)
+                        free = ratio[cyl][ti, tj]
+                        out.ve_errors_heat_free.append(float(v) - (free - 1.0) * 100.0)
+                        ref = free
+                        if cell in out.heat_soak_truth:
+                            ref = free * heat[ti, tj]
+                            out.ve_soak_cells += 1
+                        out.ve_errors.append(float(v) - (ref - 1.0) * 100.0)
         else:
             sra, sma = ra, ma
         pats = s.get("patterns") or {}
@@ -124,9 +155,15 @@ def compare_sessions(sessions: Iterable[Any], truth: Mapping[str, Any]) -> Compa
             out.pop_severity_max = max(out.pop_severity_max, int(sev))
         if pats.get("heat_soak"):
             out.heat_soak = True
+        for p in pats.get("heat_soak", []):
+            for i, row in enumerate(p.get("heat_correction_overlay") or []):
+                for j, v in enumerate(row):
+                    if v is not None:
+                        out.heat_soak_overlay.add((float(sra[i]), float(sma[j])))
     out.ve_cells = len(out.ve_errors)
     if out.ve_errors:
         out.ve_p95_abs = float(np.percentile(np.abs(out.ve_errors), 95))
+        out.ve_p95_abs_heat_free = float(np.percentile(np.abs(out.ve_errors_heat_free), 95))
     if out.imbalance_truth:
         out.imbalance_recall = len(out.imbalance_truth & out.imbalance_found) / len(
             out.imbalance_truth

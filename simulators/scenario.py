@@ -34,7 +34,12 @@ from dynoai_daemon.errors import ConfigError
 
 BUILTIN_PACKAGE = "simulators.scenarios"
 
-EngineFamily = Literal["twin_cam", "milwaukee_eight", "evolution", "sportster", "revolution_max"]
+#: The seed's engine families (``dynoai_daemon.models.EngineFamily``).
+EngineFamily = Literal[
+    "twin_cam", "milwaukee_8", "evolution", "sportster", "revolution_max", "other"
+]
+#: Other spellings scenario files use for a family.
+FAMILY_SPELLINGS = {"milwaukee_eight": "milwaukee_8", "m8": "milwaukee_8", "twincam": "twin_cam"}
 StageLevel = Literal["stock", "stage_1", "stage_2", "stage_3", "stage_4"]
 ExhaustType = Literal["2-into-1", "2-into-2", "true_dual"]
 
@@ -74,6 +79,14 @@ class BuildSpec(_Model):
     pair_valve_present: bool = True
     injector_flow_lb_hr: float = Field(4.5, gt=0, le=20)
     octane_requirement: float = Field(91.0, ge=80, le=110)
+
+    @field_validator("engine_family", mode="before")
+    @classmethod
+    def _family_spelling(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            key = v.strip().lower().replace("-", "_").replace(" ", "_")
+            return FAMILY_SPELLINGS.get(key, key)
+        return v
 
     def to_build_config(self) -> dict[str, Any]:
         """Return the build as the seed's BuildConfiguration dict (``header_type`` key)."""

@@ -6,6 +6,16 @@ per cylinder (heat-soak-free), the cells where the cylinders' true AFRs differ b
 really knocked, the peak intake temperature, whether a heat soak (IAT > 130 F at low load
 for > 2 s) happened, and the RPM bands where decel pops went over 15.5 AFR. Tests and the
 end-to-end checks compare the daemon's sessions against this.
+
+Heat soak does not change the engine's VE, but it does change what a wideband reads: the
+scenario's ECU corrects only part of the density loss of hot intake air, so hot samples
+read rich (``EngineModel.heat_afr_factor``). ``heat_soak_cells`` are the cells where
+steady samples taken during a heat soak (the core's rule: IAT > 130 F, rpm < 3500,
+TPS < 15 %, more than 2 s into the streak) carry weight, and ``ve_heat_factor`` is, per
+cell, the steady-sample-weighted mean of that AFR factor (1 where no steady sample fell).
+In a soaked cell the correction a perfect *measurement* finds is
+``ve_ratio * ve_heat_factor``; the heat-free ``ve_ratio`` stays the correction a perfect
+tuner applies once the intake is back at its reference temperature.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ class Truth(BaseModel):
     pop_events: int
     duration_s: float
     build: dict[str, Any]
+    heat_soak_cells: list[list[float]]
+    ve_heat_factor: list[list[float]]
 
 
 def _axis_weights(axis: FloatArray, x: FloatArray) -> tuple[Any, FloatArray, Any]:
@@ -72,15 +84,10 @@ def _axis_weights(axis: FloatArray, x: FloatArray) -> tuple[Any, FloatArray, Any
     return i, f, valid
 
 
-def steady_weights(sim: Simulation) -> FloatArray:
-    """Bilinear cell weights of the wideband samples the core may learn from.
-
-    Mirrors tuning.md's gates on the true engine state at each valid wideband sample:
-    engine warm, |dTPS/dt| <= 50 %/s and |dMAP/dt| <= 40 kPa/s over 200 ms, not a
-    closed-throttle decel, and a true AFR within 9..20.
-    """
+def _steady_samples(sim: Simulation) -> Any:
+    """Trace indices of the wideband samples the core may learn from (the gates of
+    :func:`steady_weights`)."""
     tr = sim.trace
-    tab = sim.engine.tables
     wb = sim.streams["wideband"]
     status = wb.columns["afr_front_status"]
     ts = wb.t[status == 0]
@@ -103,17 +110,61 @@ def steady_weights(sim: Simulation) -> FloatArray:
     )
     for afr in (tr.afr_true_front, tr.afr_true_rear):
         ok &= (afr[k] >= 9.0) & (afr[k] <= 20.0)
-    rpm, kpa = tr.rpm[k][ok], tr.map_kpa[k][ok]
+    return k[ok]
+
+
+def _bin(sim: Simulation, k: Any, values: FloatArray | None = None) -> FloatArray:
+    """Bilinear cell sums of ``values`` (or of 1) at trace indices ``k``."""
+    tr = sim.trace
+    tab = sim.engine.tables
+    rpm, kpa = tr.rpm[k], tr.map_kpa[k]
+    vals = np.ones(rpm.size) if values is None else np.asarray(values, dtype=np.float64)
     ra, ma = tab.rpm_axis, tab.map_axis
     i, fx, vi = _axis_weights(ra, rpm)
     j, fy, vj = _axis_weights(ma, kpa)
     v = vi & vj
-    i, j, fx, fy = i[v], j[v], fx[v], fy[v]
+    i, j, fx, fy, vals = i[v], j[v], fx[v], fy[v], vals[v]
     nm = ma.size
     flat = np.concatenate([i * nm + j, (i + 1) * nm + j, i * nm + j + 1, (i + 1) * nm + j + 1])
     wts = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    wts = wts * np.tile(vals, 4)
     w: FloatArray = np.bincount(flat, weights=wts, minlength=ra.size * nm).astype(np.float64)
     return w.reshape(ra.size, nm)
+
+
+def steady_weights(sim: Simulation) -> FloatArray:
+    """Bilinear cell weights of the wideband samples the core may learn from.
+
+    Mirrors tuning.md's gates on the true engine state at each valid wideband sample:
+    engine warm, |dTPS/dt| <= 50 %/s and |dMAP/dt| <= 40 kPa/s over 200 ms, not a
+    closed-throttle decel, and a true AFR within 9..20.
+    """
+    return _bin(sim, _steady_samples(sim))
+
+
+def soak_mask(sim: Simulation, iat_f: float = 130.0, min_s: float = 2.0) -> Any:
+    """Per trace step: inside a heat-soak streak (IAT above ``iat_f`` at low load: rpm
+    < 3500, TPS < 15 %) more than ``min_s`` seconds after the streak began: the samples
+    the core marks hot."""
+    tr = sim.trace
+    hot = (tr.iat_f > iat_f) & (tr.rpm < 3500.0) & (tr.tps < 15.0)
+    out = np.zeros(len(tr), dtype=bool)
+    edges = np.diff(np.concatenate(([0], hot.astype(np.int8), [0])))
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
+        out[a:b] = tr.t[a:b] - tr.t[a] > min_s
+    return out
+
+
+def heat_factor_grid(sim: Simulation, k: Any) -> tuple[FloatArray, FloatArray]:
+    """Per cell: the steady-weighted mean of the heat-soak AFR factor of the samples at
+    trace indices ``k`` (1 where none fell), and the weight of the soaked ones."""
+    tr = sim.trace
+    w = _bin(sim, k)
+    factor = sim.engine.heat_afr_factor(tr.iat_f[k])
+    wf = _bin(sim, k, factor)
+    mean: FloatArray = np.divide(wf, w, out=np.ones_like(w), where=w > 0)
+    hot_k = k[soak_mask(sim)[k]]
+    return mean, _bin(sim, hot_k)
 
 
 def _nearest_cells(sim: Simulation, rpm: FloatArray, kpa: FloatArray) -> list[list[float]]:
@@ -124,6 +175,25 @@ def _nearest_cells(sim: Simulation, rpm: FloatArray, kpa: FloatArray) -> list[li
     j = np.abs(kpa[:, None] - tab.map_axis[None, :]).argmin(axis=1)
     cells = sorted(set(zip(i.tolist(), j.tolist(), strict=True)))
     return [[float(tab.rpm_axis[a]), float(tab.map_axis[b])] for a, b in cells]
+
+
+def knock_retard_cells(sim: Simulation, hold_s: float = 0.0) -> list[list[float]]:
+    """The cells the ECU's own reports put the engine in while it reported knock retard,
+    or within ``hold_s`` seconds of such a report.
+
+    With ``hold_s`` > 0 this is the set a live reader may legitimately attribute knock to
+    when its sources are not time-aligned to the sample: a knock report that reaches the
+    daemon ``hold_s`` earlier or later than the dyno's RPM (scheduling skew, which
+    ``--speed`` multiplies) is binned with the RPM and MAP of another moment.
+    """
+    ecu = sim.streams["ecu"]
+    kr = (ecu.columns["knock_front_deg"] > 0) | (ecu.columns["knock_rear_deg"] > 0)
+    if hold_s > 0 and kr.any():
+        t = np.asarray(ecu.t, dtype=float)
+        last = np.maximum.accumulate(np.where(kr, t, -np.inf))
+        nxt = np.minimum.accumulate(np.where(kr, t, np.inf)[::-1])[::-1]
+        kr = (t - last <= hold_s) | (nxt - t <= hold_s)
+    return _nearest_cells(sim, ecu.columns["rpm"][kr], ecu.columns["map_kpa"][kr])
 
 
 def heat_soaked(sim: Simulation, iat_f: float = 130.0, min_s: float = 2.0) -> bool:
@@ -149,8 +219,12 @@ def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
     """
     tab = sim.engine.tables
     tr = sim.trace
-    weights = steady_weights(sim)
+    steady = _steady_samples(sim)
+    weights = _bin(sim, steady)
     visited = weights >= min_weight
+    heat_factor, soak_weight = heat_factor_grid(sim, steady)
+    # A cell is soaked where at least one hot steady sample's worth of weight fell.
+    soak = np.argwhere(visited & (soak_weight >= 1.0))
     delta = np.abs(tab.afr_target * (tab.ratio_rear - tab.ratio_front))
     imb = np.argwhere(visited & (delta >= 0.5))
     ra, ma = tab.rpm_axis, tab.map_axis
@@ -160,9 +234,7 @@ def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
         np.array([e.rpm for e in ev], dtype=float),
         np.array([e.map_kpa for e in ev], dtype=float),
     )
-    ecu = sim.streams["ecu"]
-    kr = (ecu.columns["knock_front_deg"] > 0) | (ecu.columns["knock_rear_deg"] > 0)
-    retard_cells = _nearest_cells(sim, ecu.columns["rpm"][kr], ecu.columns["map_kpa"][kr])
+    retard_cells = knock_retard_cells(sim)
     spikes = [p for p in sim.pops if p.peak_afr > POP_SPIKE_AFR]
     zones = [
         [float(lo), float(hi)] for lo, hi in POP_BANDS if any(lo <= p.rpm < hi for p in spikes)
@@ -185,6 +257,8 @@ def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
         pop_events=len(spikes),
         duration_s=round(sim.duration_s, 3),
         build=sim.scenario.build.to_build_config(),
+        heat_soak_cells=[[float(ra[a]), float(ma[b])] for a, b in soak.tolist()],
+        ve_heat_factor=np.round(heat_factor, 5).tolist(),
     )
 
 

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ class Console:
     """Alert and session lines: rich on a terminal, plain lines otherwise.
 
     The same alert kind and cylinder prints at most once per ``ALERT_REPEAT_WALL_S`` wall
-    seconds; the lines held back are counted and reported with the next one.
+    seconds; the lines held back are counted and reported with the next one, and every
+    alert counts in ``by_kind`` (the final summary line's breakdown).
     """
 
     def __init__(self) -> None:
@@ -72,6 +74,7 @@ class Console:
         self._last: dict[tuple[str, str], float] = {}
         self._held: dict[tuple[str, str], int] = {}
         self.alerts = 0
+        self.by_kind: Counter[str] = Counter()
         self.sessions = 0
 
     def line(self, text: str, style: str = "") -> None:
@@ -84,6 +87,7 @@ class Console:
     def alert(self, alert: Any) -> None:
         """Print an alert unless the same kind/cylinder printed very recently."""
         self.alerts += 1
+        self.by_kind[str(alert.kind)] += 1
         key = (str(alert.kind), str(getattr(alert, "cylinder", "") or ""))
         now = time.monotonic()
         if now - self._last.get(key, -1e9) < ALERT_REPEAT_WALL_S:
@@ -194,8 +198,11 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         truth = export_truth(sim, min_weight=settings.tuning.min_weight)
         path = write_truth(truth, Path(settings.data_dir) / "truth" / f"{scenario.name}.json")
         st = cell.stats
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(console.by_kind.items()))
         console.line(
-            f"done: {console.sessions} session(s), {console.alerts} alert(s); "
+            f"done: {console.sessions} session(s), {console.alerts} alert(s)"
+            + (f" ({kinds})" if kinds else "")
+            + "; "
             f"{st.events} events sent ({st.mts_packets} MTS packets, {st.can_frames} CAN "
             f"frames, {st.jetdrive_values} JetDrive value datagrams); truth in {path}"
         )
