@@ -18,7 +18,15 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, parse_int
+from drivers.can_base import (
+    ByteLike,
+    CanDriver,
+    CanFilter,
+    CanFrame,
+    Decoded,
+    frame_filters,
+    parse_int,
+)
 from dynoai_daemon.channels import STOICH_GASOLINE, SensorStatus
 from dynoai_daemon.errors import ConfigError, ProtocolError
 
@@ -114,6 +122,17 @@ class AemNetCodec:
                     out.append((st, _NORMAL))
             return out
         return None
+
+    def wanted_frames(self) -> list[tuple[int, bool]]:
+        """Return the 29-bit ids this codec decodes: 0x180 + n of mapped sensors, and 0x1F."""
+        ids = sorted(self._by_id)
+        if self._four:
+            ids.append(FOUR_CHANNEL_ID)
+        return [(i, True) for i in ids]
+
+    def can_filters(self) -> list[CanFilter] | None:
+        """Return acceptance filters of :meth:`wanted_frames` (29-bit only)."""
+        return frame_filters(self.wanted_frames())
 
 
 def encode(

@@ -11,6 +11,14 @@ on arrival (the bus timestamp is kept as ``device_t``), counts good, bad, foreig
 frames, and turns bus failures into :class:`~dynoai_daemon.errors.DriverOperationError` so
 the base class reconnects. :meth:`CanDriver.decode_capture` runs the same codec over a
 python-can log file (candump ``.log``, ``.asc``, ``.blf``, ...) for ``dynoai decode``.
+
+Acceptance filters: a codec may state the frames it wants with ``can_filters()`` (python-can
+``{"can_id", "can_mask", "extended"}`` dicts, None = everything); :meth:`CanDriver.can_filters`
+hands them to ``can.Bus(can_filters=...)`` so that on a shared socketcan bus the kernel drops
+the other sources' frames before they wake this socket (other interfaces filter in hardware or
+in python-can's ``BusABC.recv``). :func:`id_filters` merges a set of ids into a few exact
+id/mask pairs and :func:`filters_match` is the matching rule (``(id ^ can_id) & mask == 0``
+plus the extended flag), shared with the tests.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import asyncio
 import contextlib
 import inspect
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
 import can
 
@@ -41,6 +49,15 @@ ByteLike = bytes | bytearray | memoryview
 CanFrame = tuple[int, bytes, bool]
 """A frame as encoders return it: ``(arbitration_id, data, is_extended)``."""
 Decoded = list[tuple[str, float]]
+CanFilter = dict[str, Any]
+"""A python-can acceptance filter: ``{"can_id": int, "can_mask": int, "extended": bool}``."""
+
+STD_ID_MASK: Final = 0x7FF
+EXT_ID_MASK: Final = 0x1FFFFFFF
+#: Most filters one socket takes (Linux CAN_RAW_FILTER_MAX); beyond that we filter nothing.
+MAX_FILTERS: Final = 512
+#: Above this many ids the exact minimisation is skipped for aligned-block merging.
+_QM_MAX_IDS: Final = 256
 
 #: Option names the :class:`Driver` base consumes; every other unknown option is handed to
 #: ``can.Bus`` (e.g. ``port`` for udp_multicast, ``fd``, ``tty_baudrate`` for slcan).
@@ -74,6 +91,128 @@ def parse_int(value: int | str, *, what: str) -> int:
         return int(str(value).strip(), 0)
     except ValueError:
         raise ConfigError(f"{what}: {value!r} is not an integer", field=what) from None
+
+
+def id_filters(ids: Iterable[int], *, extended: bool) -> list[CanFilter]:
+    """Return few id/mask filters that match exactly ``ids`` (no other id of that width).
+
+    Ids are merged into aligned "cubes" (a mask bit cleared where the cube's ids differ),
+    e.g. ``{0x190, 0x191, 0x192, 0x193}`` -> ``0x190/0x7FC`` and ``{0x190, 0x192}`` ->
+    ``0x190/0x7FD``. Up to a few hundred ids this is an exact Quine-McCluskey minimisation
+    (prime cubes, essential ones first, then greedy); beyond that aligned power-of-two
+    blocks are merged. Every filter carries ``extended`` so 11-bit and 29-bit frames never
+    match each other's filters.
+
+    Raises:
+        ValueError: an id outside the 11-bit (``extended=False``) or 29-bit range.
+    """
+    full = EXT_ID_MASK if extended else STD_ID_MASK
+    wanted = sorted(set(ids))
+    for i in wanted:
+        if not 0 <= i <= full:
+            raise ValueError(f"CAN id {i:#x} outside the {'29' if extended else '11'}-bit range")
+    cubes = _prime_cubes(wanted, full) if len(wanted) <= _QM_MAX_IDS else _aligned_blocks(wanted)
+    return [
+        {"can_id": value, "can_mask": full & ~dc, "extended": extended}
+        for value, dc in sorted(cubes)
+    ]
+
+
+def frame_filters(frames: Iterable[tuple[int, bool]]) -> list[CanFilter] | None:
+    """Return merged filters for ``(arbitration_id, extended)`` pairs.
+
+    None (receive everything) when there is no frame to ask for (an empty filter list means
+    "no filter" to python-can) or when more than :data:`MAX_FILTERS` filters would be needed.
+    """
+    std: set[int] = set()
+    ext: set[int] = set()
+    for arb, is_ext in frames:
+        (ext if is_ext else std).add(arb)
+    out = id_filters(std, extended=False) + id_filters(ext, extended=True)
+    if not out or len(out) > MAX_FILTERS:
+        return None
+    return out
+
+
+def filters_match(
+    filters: Sequence[Mapping[str, Any]] | None, arbitration_id: int, is_extended: bool
+) -> bool:
+    """Return True when a frame passes ``filters`` (python-can's rule; None passes all)."""
+    if not filters:
+        return True
+    for f in filters:
+        if "extended" in f and bool(f["extended"]) != is_extended:
+            continue
+        if (int(f["can_id"]) ^ arbitration_id) & int(f["can_mask"]) == 0:
+            return True
+    return False
+
+
+def _prime_cubes(ids: list[int], full: int) -> list[tuple[int, int]]:
+    """Return an exact cover of ``ids`` by cubes ``(value, dont_care_bits)``."""
+    ones = set(ids)
+    level: set[tuple[int, int]] = {(i, 0) for i in ids}
+    primes: set[tuple[int, int]] = set()
+    while level:
+        merged: set[tuple[int, int]] = set()
+        used: set[tuple[int, int]] = set()
+        for value, dc in level:
+            free = full & ~dc
+            bit = 1
+            while bit <= free:
+                if free & bit and not value & bit and (value | bit, dc) in level:
+                    merged.add((value, dc | bit))
+                    used.add((value, dc))
+                    used.add((value | bit, dc))
+                bit <<= 1
+        primes |= level - used
+        level = merged
+
+    def members(cube: tuple[int, int]) -> set[int]:
+        value, dc = cube
+        out = {value}
+        bit = 1
+        while bit <= dc:
+            if dc & bit:
+                out |= {m | bit for m in out}
+            bit <<= 1
+        return out
+
+    cover = {c: members(c) for c in primes}
+    chosen: list[tuple[int, int]] = []
+    left = set(ones)
+    by_id: dict[int, list[tuple[int, int]]] = {}
+    for c, ms in cover.items():
+        for m in ms:
+            by_id.setdefault(m, []).append(c)
+    for cs in by_id.values():  # essential cubes: the only cover of some id
+        if len(cs) == 1 and cs[0] not in chosen:
+            chosen.append(cs[0])
+            left -= cover[cs[0]]
+    while left:
+        best = max(sorted(cover), key=lambda c: len(cover[c] & left))
+        chosen.append(best)
+        left -= cover[best]
+    return chosen
+
+
+def _aligned_blocks(ids: list[int]) -> list[tuple[int, int]]:
+    """Cover sorted ``ids`` by aligned power-of-two blocks (exact, linear)."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(ids):
+        start = ids[i]
+        size = 1
+        # grow while the block stays aligned and every id in it is present
+        while (
+            start % (size * 2) == 0
+            and i + size * 2 <= len(ids)
+            and ids[i + size * 2 - 1] == start + size * 2 - 1
+        ):
+            size *= 2
+        out.append((start, size - 1))
+        i += size
+    return out
 
 
 def frame_to_message(frame: CanFrame, timestamp: float = 0.0) -> can.Message:
@@ -145,7 +284,14 @@ class CanDriver(Driver):
         echo_window_s: how long a sent frame may come back as an echo.
         send_timeout_s: timeout of ``bus.send``.
         notifier_timeout_s: poll period of python-can's reader thread (bounds close time).
-        bus_options: extra keyword arguments for ``can.Bus``.
+        bus_options: extra keyword arguments for ``can.Bus``; a ``can_filters`` entry here
+            (or as a top-level option) replaces the driver's own filters, None included.
+        bus_filters: open the bus with the driver's acceptance filters (:meth:`can_filters`),
+            so that frames of other sources sharing the bus are dropped by the kernel
+            (socketcan), the adapter or python-can instead of waking this driver. False
+            receives every frame (foreign frames are then counted as ``other_frames``). On
+            interfaces that filter in software (``virtual``, ``udp_multicast``) error frames
+            are filtered out too; socketcan delivers them regardless.
         **kwargs: the :class:`Driver` options (source, channel_map, clock, reconnect, ...);
             any other keyword goes to ``can.Bus`` too (e.g. ``port`` for udp_multicast).
 
@@ -168,6 +314,7 @@ class CanDriver(Driver):
         send_timeout_s: float = 0.05,
         notifier_timeout_s: float = 0.05,
         bus_options: Mapping[str, Any] | None = None,
+        bus_filters: bool = True,
         **kwargs: Any,
     ) -> None:
         base = {k: v for k, v in kwargs.items() if k in _BASE_OPTIONS}
@@ -190,6 +337,7 @@ class CanDriver(Driver):
         self.send_timeout_s = float(send_timeout_s)
         self.notifier_timeout_s = float(notifier_timeout_s)
         self.bus_options: dict[str, Any] = {**dict(bus_options or {}), **extra}
+        self.bus_filters = bool(bus_filters)
         self._bus: can.BusABC | None = None
         self._notifier: can.Notifier | None = None
         self._generation = 0
@@ -286,6 +434,17 @@ class CanDriver(Driver):
 
     # --- Driver hooks ------------------------------------------------------------------------
 
+    def can_filters(self) -> list[CanFilter] | None:
+        """Return the acceptance filters of the frames this driver decodes (None: all frames).
+
+        The default asks the codec (``codec.can_filters()`` when it has one). Filters are
+        python-can dicts ``{"can_id", "can_mask", "extended"}``; a frame passes when
+        ``(arbitration_id ^ can_id) & can_mask == 0`` for one of them (see
+        :func:`filters_match`). They must never reject a frame the codec decodes.
+        """
+        fn = getattr(self.codec, "can_filters", None)
+        return fn() if callable(fn) else None
+
     def _bus_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"interface": self.interface, "channel": self.channel}
         if self.bitrate is not None:
@@ -293,6 +452,10 @@ class CanDriver(Driver):
         if self.receive_own_messages is not None:
             kw["receive_own_messages"] = self.receive_own_messages
         kw.update(self.bus_options)
+        if self.bus_filters and "can_filters" not in kw:  # the user's own filters win
+            filters = self.can_filters()
+            if filters is not None:
+                kw["can_filters"] = filters
         return kw
 
     async def _open(self) -> None:

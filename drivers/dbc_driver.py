@@ -23,7 +23,16 @@ from typing import Any
 import cantools
 from cantools.database.can import Database, Message
 
-from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, parse_int
+from drivers.can_base import (
+    EXT_ID_MASK,
+    ByteLike,
+    CanDriver,
+    CanFilter,
+    CanFrame,
+    Decoded,
+    frame_filters,
+    parse_int,
+)
 from dynoai_daemon.errors import ConfigError, ProtocolError
 
 Route = tuple[str, float, float]
@@ -32,6 +41,7 @@ Route = tuple[str, float, float]
 FastDecoder = Callable[[ByteLike], Decoded]
 
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_EXT_FLAG = 0x80000000  # marks 29-bit ids in the plan keys
 
 
 def load_packaged_dbc(name: str) -> Database:
@@ -234,7 +244,7 @@ class DbcCodec:
         Raises:
             ProtocolError: wrong length for its message.
         """
-        plan = self._plans.get(arbitration_id | (0x80000000 if is_extended else 0))
+        plan = self._plans.get(arbitration_id | (_EXT_FLAG if is_extended else 0))
         if plan is None:
             return None
         n = len(data)
@@ -279,6 +289,21 @@ class DbcCodec:
         """Return ``(arbitration_id, extended)`` of every message, after the id offset."""
         return [(arb, ext) for arb, ext, _ in self._by_name.values()]
 
+    def wanted_frames(self) -> list[tuple[int, bool]]:
+        """Return ``(arbitration_id, extended)`` of the messages with at least one route.
+
+        Only these frames can yield values; frames of unrouted messages decode to ``[]``.
+        """
+        return [
+            (key & EXT_ID_MASK, bool(key & _EXT_FLAG))
+            for key, plan in self._plans.items()
+            if plan.routes
+        ]
+
+    def can_filters(self) -> list[CanFilter] | None:
+        """Return acceptance filters of the routed messages (see :meth:`wanted_frames`)."""
+        return frame_filters(self.wanted_frames())
+
     def message(self, name: str) -> Message:
         """Return the cantools message called ``name``."""
         return self._by_name[name][2]
@@ -308,7 +333,7 @@ class DbcCodec:
 
 
 def _key(arb: int, ext: bool) -> int:
-    return arb | (0x80000000 if ext else 0)
+    return arb | (_EXT_FLAG if ext else 0)
 
 
 class DbcDriver(CanDriver):
@@ -319,6 +344,8 @@ class DbcDriver(CanDriver):
         signals: signal key (``Signal`` or ``Message.Signal``) -> channel name; a list
             fans out. Signals not listed are ignored (``channel_map`` entries are added).
         scale: optional ``{signal: [mul, add]}`` conversion applied after the DBC scaling.
+            The bus is opened with acceptance filters for the messages that carry a mapped
+            signal only (option ``bus_filters``, see :class:`CanDriver`).
         id_offset: added to every DBC id.
         strict_length: frames with a DLC other than the DBC's are bad frames (else only
             shorter ones).

@@ -25,7 +25,17 @@ from typing import Any, Final
 import can
 
 from drivers.base import DriverStats, cancel_and_wait
-from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, frame_to_message, parse_int
+from drivers.can_base import (
+    EXT_ID_MASK,
+    STD_ID_MASK,
+    ByteLike,
+    CanDriver,
+    CanFilter,
+    CanFrame,
+    Decoded,
+    frame_to_message,
+    parse_int,
+)
 from dynoai_daemon.channels import Sample
 from dynoai_daemon.errors import ConfigError, DriverOperationError, ProtocolError
 
@@ -262,6 +272,16 @@ class Obd2Codec:
         if reply is None:
             return None
         return self.values(reply)
+
+    def can_filters(self) -> list[CanFilter]:
+        """Return the filter of the reply ids :func:`is_response_id` accepts.
+
+        11-bit: 0x7E8-0x7EF (0x7E8 / 0x7F8); 29-bit: 0x18DAF1xx (0x18DAF100 / 0x1FFFFF00).
+        The requests (0x7DF, 0x18DB33F1), ours or another tester's, do not pass.
+        """
+        if self.extended:
+            return [{"can_id": RESPONSE_BASE_29, "can_mask": EXT_ID_MASK & ~0xFF, "extended": True}]
+        return [{"can_id": RESPONSE_BASE_11, "can_mask": STD_ID_MASK & ~0x7, "extended": False}]
 
 
 # --- scheduler ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from cantools.database.can import Database
 
-from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, parse_int
+from drivers.can_base import ByteLike, CanDriver, CanFilter, CanFrame, Decoded, parse_int
 from drivers.dbc_driver import DbcCodec, Route, build_routes, load_packaged_dbc
 from dynoai_daemon.channels import STOICH_GASOLINE, SensorStatus, status_channel
 from dynoai_daemon.errors import ConfigError
@@ -124,6 +124,10 @@ class RusefiCodec:
             else:
                 fixed.append((ch, v))
         return fixed
+
+    def can_filters(self) -> list[CanFilter] | None:
+        """Return acceptance filters of the routed broadcast frames (base + 1..7)."""
+        return self.inner.can_filters()
 
 
 @lru_cache(maxsize=1)

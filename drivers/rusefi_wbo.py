@@ -17,7 +17,15 @@ import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
-from drivers.can_base import ByteLike, CanDriver, CanFrame, Decoded, parse_int
+from drivers.can_base import (
+    ByteLike,
+    CanDriver,
+    CanFilter,
+    CanFrame,
+    Decoded,
+    frame_filters,
+    parse_int,
+)
 from dynoai_daemon.channels import STOICH_GASOLINE, SensorStatus
 from dynoai_daemon.errors import ConfigError, ProtocolError
 
@@ -121,6 +129,14 @@ class RusefiWboCodec:
                 (dnames[4], heater * 100.0 / 255.0),
             ]
         return None
+
+    def wanted_frames(self) -> list[tuple[int, bool]]:
+        """Return the 11-bit ids decoded: base + 2N (and base + 2N + 1 with diagnostics)."""
+        return [(i, False) for i in sorted({*self._std, *self._diag})]
+
+    def can_filters(self) -> list[CanFilter] | None:
+        """Return acceptance filters of :meth:`wanted_frames`."""
+        return frame_filters(self.wanted_frames())
 
 
 def encode(

@@ -99,8 +99,15 @@ def send(bus: can.BusABC, frame: CanFrame) -> None:
 async def test_aemnet_driver_decodes_counts_and_stamps_on_arrival(
     channel: str, peer: can.BusABC
 ) -> None:
+    # bus_filters off: the foreign and error frames must reach the driver to be counted
+    # (with filters, virtual drops both; test_can_filters.py covers the filtered bus).
     drv = aemnet.AemNetDriver(
-        interface="virtual", channel=channel, source="wb", clock=driver_clock, reconnect=False
+        interface="virtual",
+        channel=channel,
+        source="wb",
+        clock=driver_clock,
+        reconnect=False,
+        bus_filters=False,
     )
     async with running(drv):
         send(peer, (0x180, bytes(7), True))  # ours, wrong DLC -> bad frame
@@ -288,6 +295,7 @@ def test_unknown_options_go_to_the_bus() -> None:
         interface="udp_multicast", channel="239.74.163.2", port=50000, bitrate=None, source="x"
     )
     kw = drv._bus_kwargs()
+    assert kw.pop("can_filters") == drv.can_filters()
     assert kw == {"interface": "udp_multicast", "channel": "239.74.163.2", "port": 50000}
     assert drv.source == "x"
 
