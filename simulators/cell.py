@@ -3,7 +3,8 @@
 A :class:`VirtualCell` plays a :class:`~simulators.dyno.Simulation` (or any time-ordered
 list of :class:`~simulators.sensors.SimEvent`) onto real transports: the widebands as
 Innovate MTS packets on a pseudo-terminal whose slave path the daemon opens like a USB
-adapter (or as AEMnet frames on the CAN bus), the ECU as MegaSquirt broadcast frames on a
+adapter (or as AEMnet frames on the CAN bus, or as two AEM serial gauges, each writing ASCII
+lines on its own pseudo-terminal), the ECU as MegaSquirt broadcast frames on a
 python-can bus, and the dyno as a JetDrive provider on loopback multicast (channel values,
 and logging begin/end for the plan's run markers). Everything runs on one clock: the cell's
 simulated time ``(clock() - t0) * speed``; an event at sim time ``t`` goes out when that
@@ -35,7 +36,7 @@ from typing import Any
 import can
 import numpy as np
 
-from drivers import aemnet, megasquirt
+from drivers import aem_serial, aemnet, megasquirt
 from drivers.can_base import frame_to_message
 from drivers.innovate_mts import encode_packet, lambda_item, status_item
 from drivers.jetdrive import JetDriveProvider
@@ -70,6 +71,12 @@ ECU_SIGNALS: dict[str, str] = {
 #: The broadcast frames carry afr1/afr2/batt next to signals we send; the cell's ECU has
 #: no wideband and no battery reading, so the daemon's megasquirt source drops them.
 MS_DROPPED = {"afr1": "", "afr2": "", "batt": ""}
+WIDEBANDS = ("mts", "aem", "aem_serial")
+#: The AEM serial gauges: daemon source name -> the AFR channel it feeds.
+AEM_SERIAL_SOURCES: dict[str, str] = {"wb_front": "afr_front", "wb_rear": "afr_rear"}
+#: Decimals an AEM gauge line carries per display mode ("14.7", "1.00"). *Unverified* for
+#: lambda: protocols.md only shows an AFR line; 2 decimals is what the gauge displays.
+AEM_DECIMALS: dict[str, int] = {"afr": 1, "lambda": 2}
 _counter = itertools.count()
 
 
@@ -87,6 +94,13 @@ class CellStats:
     events: int = 0
     mts_packets: int = 0
     mts_dropped: int = 0
+    #: AEM serial gauge lines written (one per gauge per wideband report).
+    aem_lines: int = 0
+    #: AEM serial lines lost (pty buffer full or short write).
+    aem_dropped: int = 0
+    #: AEM serial readings withheld because the sensor was not ready (the gauge's serial
+    #: output has no status: it sends nothing rather than a made-up AFR).
+    aem_not_ready: int = 0
     can_frames: int = 0
     can_errors: int = 0
     jetdrive_values: int = 0
@@ -108,7 +122,12 @@ class VirtualCell:
         jetdrive_group: the multicast group (loopback interface).
         can_channel: python-can channel (default: unique per cell).
         can_interface: python-can interface (``virtual`` in one process).
-        wideband: ``"mts"`` (Innovate MTS on a pty) or ``"aem"`` (AEMnet on the CAN bus).
+        wideband: ``"mts"`` (Innovate MTS on a pty), ``"aem"`` (AEMnet on the CAN bus) or
+            ``"aem_serial"`` (two AEM UEGO gauges' serial output, one pty each, read by
+            the ``aem_serial`` sources ``wb_front`` and ``wb_rear``).
+        aem_mode: display mode of the AEM serial gauges, ``"afr"`` or ``"lambda"``, or a
+            (front, rear) pair of them: what their lines carry and what the daemon's
+            sources are configured with.
         transport_delay: the simulator's exhaust transport delay on or off.
         events: play these instead of a simulation (time-ordered SimEvents).
         name: label (the scenario's name by default).
@@ -130,14 +149,20 @@ class VirtualCell:
         can_channel: str | None = None,
         can_interface: str = "virtual",
         wideband: str = "mts",
+        aem_mode: str | tuple[str, str] = "afr",
         transport_delay: bool = True,
         events: Sequence[SimEvent] | None = None,
         name: str | None = None,
     ) -> None:
         if not (speed > 0 and math.isfinite(speed)):
             raise ValueError(f"speed must be a positive number, got {speed}")
-        if wideband not in ("mts", "aem"):
-            raise ValueError(f"wideband must be 'mts' or 'aem', got {wideband!r}")
+        if wideband not in WIDEBANDS:
+            raise ValueError(f"wideband must be one of {', '.join(WIDEBANDS)}, got {wideband!r}")
+        modes = (aem_mode, aem_mode) if isinstance(aem_mode, str) else tuple(aem_mode)
+        if len(modes) != 2 or any(m not in AEM_DECIMALS for m in modes):
+            raise ValueError(
+                f"aem_mode must be 'afr', 'lambda' or a (front, rear) pair, got {aem_mode!r}"
+            )
         self.simulation: Simulation | None = None
         if events is None:
             if scenario is None:
@@ -158,6 +183,11 @@ class VirtualCell:
         self.can_interface = can_interface
         self.wideband = wideband
         self.wideband_port = ""
+        #: AEM serial: daemon source name -> the display mode of that gauge.
+        self.aem_modes: dict[str, str] = dict(zip(AEM_SERIAL_SOURCES, modes, strict=True))
+        #: AEM serial: daemon source name -> slave path of that gauge's pty.
+        self.aem_ports: dict[str, str] = {}
+        self._aem_fds: dict[str, tuple[int, int]] = {}
         self.stats = CellStats()
         self.done = asyncio.Event()
         self._t0: float | None = None
@@ -215,6 +245,9 @@ class VirtualCell:
                 # slave-to-master buffer never fills.
                 asyncio.get_running_loop().add_reader(master, self._drain_master)
                 self._reader_added = True
+            elif self.wideband == "aem_serial":
+                for src in AEM_SERIAL_SOURCES:
+                    self.aem_ports[src] = self._open_aem_pty(src)
             self._bus = can.Bus(
                 interface=self.can_interface, channel=self.can_channel, receive_own_messages=False
             )
@@ -230,6 +263,21 @@ class VirtualCell:
         except BaseException:
             await self.close()
             raise
+
+    def _open_aem_pty(self, src: str) -> str:
+        """Open one gauge's pty like the MTS one (raw, non-blocking master, drained)."""
+        master, slave = os.openpty()
+        self._aem_fds[src] = (master, slave)
+        # Raw: the gauge's CR LF must reach the driver untranslated.
+        tty.setraw(slave)
+        tty.setraw(master)
+        os.set_blocking(master, False)
+        asyncio.get_running_loop().add_reader(master, self._drain_fd, master)
+        return os.ttyname(slave)
+
+    def _drain_fd(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(fd, 4096)
 
     def _drain_master(self) -> None:
         if self._master is None:
@@ -255,6 +303,12 @@ class VirtualCell:
         if self._slave is not None:
             os.close(self._slave)
             self._slave = None
+        fds, self._aem_fds = self._aem_fds, {}
+        for master, slave in fds.values():
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(master)
+            os.close(master)
+            os.close(slave)
 
     async def __aenter__(self) -> VirtualCell:
         await self.start()
@@ -273,6 +327,17 @@ class VirtualCell:
         out: list[dict[str, Any]] = []
         if self.wideband == "mts":
             out.append({"name": "widebands", "driver": "innovate_mts", "port": self.wideband_port})
+        elif self.wideband == "aem_serial":
+            for src, ch in AEM_SERIAL_SOURCES.items():
+                out.append(
+                    {
+                        "name": src,
+                        "driver": "aem_serial",
+                        "port": self.aem_ports.get(src, ""),
+                        "mode": self.aem_modes[src],
+                        "channel": ch,
+                    }
+                )
         else:
             out.append(
                 {
@@ -388,6 +453,8 @@ class VirtualCell:
         if ev.source == "wideband":
             if self.wideband == "mts":
                 self._send_mts(v)
+            elif self.wideband == "aem_serial":
+                self._send_aem_serial(v)
             else:
                 self._send_aem(v)
         elif ev.source == "ecu":
@@ -421,6 +488,30 @@ class VirtualCell:
             else:
                 frame = aemnet.encode(idx, 1.0, valid=False, fault=status >= 5)
             self._send_can(frame)
+
+    def _send_aem_serial(self, v: dict[str, float]) -> None:
+        for src, ch in AEM_SERIAL_SOURCES.items():
+            status = int(v.get(f"{ch}_status", 0.0))
+            afr = v.get(ch)
+            if status != 0 or afr is None or not math.isfinite(afr) or afr <= 0:
+                # No status field on the gauge's serial line (protocols.md): a sensor that
+                # is not ready sends no reading, never a made-up one.
+                self.stats.aem_not_ready += 1
+                continue
+            mode = self.aem_modes[src]
+            value = afr if mode == "afr" else afr / STOICH
+            line = aem_serial.encode_line(value, AEM_DECIMALS[mode])
+            master = self._aem_fds[src][0]
+            try:
+                n = os.write(master, line)
+            except OSError:  # BlockingIOError included: nobody reads, the buffer is full
+                self.stats.aem_dropped += 1
+                continue
+            if n == len(line):
+                self.stats.aem_lines += 1
+            else:
+                # A short write cuts the line: the driver sees one bad line, as on a wire.
+                self.stats.aem_dropped += 1
 
     def _send_ecu(self, v: dict[str, float]) -> None:
         sig = {ECU_SIGNALS[k]: x for k, x in v.items() if k in ECU_SIGNALS}
