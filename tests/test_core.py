@@ -219,6 +219,27 @@ def test_idle_timeout_ends_run() -> None:
     assert ev[1].run.end_t == pytest.approx(7.99, abs=0.011)
 
 
+def test_stale_tps_after_an_ecu_dropout_does_not_open_a_run() -> None:
+    # Coasting down at closed throttle; the ECU (TPS) drops out for 1 s while the dyno
+    # keeps reporting RPM. A stale TPS is unknown, not "wide open": no run opens.
+    t = np.arange(0, 6, 0.01)
+    n = t.size
+    tps = np.where((t > 2.0) & (t < 3.0), np.nan, 0.0)
+    cols = {"rpm": np.linspace(3000, 2000, n), "tps_pct": tps, "map_kpa": np.full(n, 20.0)}
+    c = core()
+    ev = c.feed(Frame.from_columns(t, cols)).events
+    assert ev == [] and c.run is None
+
+
+def test_without_any_tps_source_runs_follow_rpm() -> None:
+    t = np.arange(0, 6, 0.01)
+    rpm = np.where((t > 1.0) & (t < 4.0), 3000.0, 900.0)
+    c = core()
+    ev = c.feed(Frame.from_columns(t, {"rpm": rpm, "map_kpa": np.full(t.size, 60.0)})).events
+    assert [type(e) for e in ev] == [RunStarted, RunClosed]
+    assert ev[1].run.reason == "rpm"
+
+
 def test_run_markers_override_heuristic() -> None:
     n = 1000
     t = np.arange(n) / 100.0

@@ -142,6 +142,7 @@ class Core:
         self._armed = True
         self._low_since: float | None = None
         self._marker_mode = False
+        self._tps_seen = False
         self._decel_armed = False
         self._decel: DecelEvent | None = None
         self._recent_decels: list[DecelEvent] = []
@@ -286,7 +287,12 @@ class Core:
     ) -> list[tuple[int, int, OpenRun]]:
         cfg = self.tuning
         n = t.shape[0]
-        tps_eff = np.where(np.isnan(tps), 100.0, tps)  # no TPS source: throttle unknown
+        # Without any TPS source the throttle is unknown and runs follow RPM alone (100);
+        # once TPS has been seen, a NaN is a stale TPS (an ECU dropout): it neither opens
+        # a run nor counts as closed throttle (NaN compares False both ways).
+        if not self._tps_seen and not np.isnan(tps).all():
+            self._tps_seen = True
+        tps_eff = tps if self._tps_seen else np.where(np.isnan(tps), 100.0, tps)
         with np.errstate(invalid="ignore"):
             s = (rpm > cfg.run_start_rpm) & (tps_eff > cfg.run_start_tps)
             e = rpm < cfg.run_end_rpm
