@@ -277,3 +277,16 @@ async def test_sighup_reloads_alert_limits_and_build(tmp_path: Path) -> None:
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_dump_tasks_logs_every_task(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynoai_daemon.service.daemon import dump_tasks
+
+    gate = asyncio.Event()
+    waiter = asyncio.create_task(gate.wait(), name="waiting-on-gate")
+    await asyncio.sleep(0)
+    dump_tasks()
+    gate.set()
+    await waiter
+    out = capsys.readouterr().out
+    assert "waiting-on-gate" in out and "task" in out

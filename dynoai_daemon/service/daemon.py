@@ -156,7 +156,14 @@ def _log_stuck(tasks: set[asyncio.Task[Any]]) -> None:
     """Name the tasks that ignored cancellation (a bug: the TaskGroup would wait forever)."""
     for t in tasks:
         where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
-        log.error("task did not stop when cancelled", task=t.get_name(), stack=where)
+        log.error("task did not stop when cancelled", task=t.get_name(), where=where)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task and where it waits (to diagnose a hang)."""
+    for t in asyncio.all_tasks():
+        where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
+        log.warning("task", task=t.get_name(), done=t.done(), where=where)
 
 
 def _finite(v: float) -> float | None:
@@ -250,6 +257,7 @@ class Daemon:
             (signal.SIGTERM, self.request_stop),
             (signal.SIGINT, self.request_stop),
             (signal.SIGHUP, self.reload),
+            (signal.SIGUSR1, dump_tasks),
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, handler)
