@@ -59,6 +59,26 @@ log = structlog.get_logger("dynoai.mqtt")
 CommandHandler = Callable[[str, bytes], Awaitable[tuple[str, dict[str, Any]] | None]]
 
 
+def _cancel_checkpoint() -> None:
+    """Raise CancelledError if this task was cancelled but the cancel got swallowed.
+
+    aiomqtt waits for PUBACK/SUBACK with ``asyncio.wait_for``, which on Python 3.11
+    returns the result when the acknowledgement and a cancel land in the same loop
+    iteration, dropping the cancel. A sender loop would then go back to waiting for work
+    and its TaskGroup would wait for it forever (seen as a daemon that never exits after
+    "mqtt stopped"). The task's ``cancelling()`` count still says it was cancelled.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _publish(client: aiomqtt.Client, topic: str, payload: Any, **kwargs: Any) -> None:
+    """``client.publish`` that never swallows a cancel (:func:`_cancel_checkpoint`)."""
+    await client.publish(topic, payload, **kwargs)
+    _cancel_checkpoint()
+
+
 class _Closing(Exception):
     """Raised inside the connection's TaskGroup to leave it after a graceful stop."""
 
@@ -457,14 +477,15 @@ class MqttPublisher:
         async with client:
             self.connections += 1
             self._since = _now_iso()
-            await client.publish(
-                self.topics.state, self._state_payload("online"), qos=1, retain=True
+            await _publish(
+                client, self.topics.state, self._state_payload("online"), qos=1, retain=True
             )
             for topic in self._retained:
                 self._retained_dirty[topic] = None
             self._retained_wake.set()
             if self.command_handler is not None:
                 await client.subscribe(self.topics.request_filter, qos=1)
+                _cancel_checkpoint()
             self.dropped_live += len(self._live)  # left over from the previous connection
             self._live.clear()
             self._set_connected(True)
@@ -491,8 +512,12 @@ class MqttPublisher:
     async def _until_closing(self, client: aiomqtt.Client) -> None:
         await self._closing.wait()
         self._since = _now_iso()
-        await client.publish(
-            self.topics.state, self._state_payload("offline", reason="shutdown"), qos=1, retain=True
+        await _publish(
+            client,
+            self.topics.state,
+            self._state_payload("offline", reason="shutdown"),
+            qos=1,
+            retain=True,
         )
         raise _Closing
 
@@ -531,7 +556,7 @@ class MqttPublisher:
                     {"status": "error", "data": None, "error": str(exc),
                      "transaction": body.get("transaction")}
                 )  # fmt: skip
-            await client.publish(resp_topic, data, qos=1, retain=False)
+            await _publish(client, resp_topic, data, qos=1, retain=False)
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         box = self.outbox
@@ -544,7 +569,7 @@ class MqttPublisher:
                 continue
             for msg in batch:
                 try:
-                    await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                    await _publish(client, msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                     self.published += 1
                 except (ValueError, TypeError) as exc:
                     # A message paho refuses (bad topic, too large) would block the queue forever.
@@ -564,7 +589,7 @@ class MqttPublisher:
             while self._retained_dirty:
                 topic = next(iter(self._retained_dirty))
                 data, qos = self._retained[topic]
-                await client.publish(topic, data, qos=qos, retain=True)
+                await _publish(client, topic, data, qos=qos, retain=True)
                 # Only now: a failure above leaves it dirty for the next connection.
                 self._retained_dirty.pop(topic, None)
                 if self._retained.get(topic, (None, 0))[0] is not data:
@@ -577,7 +602,7 @@ class MqttPublisher:
             self._live_wake.clear()
             while self._live:
                 topic, data = self._live.popleft()
-                await client.publish(topic, data, qos=0, retain=False)
+                await _publish(client, topic, data, qos=0, retain=False)
                 self.published_live += 1
 
 

@@ -159,6 +159,17 @@ def _log_stuck(tasks: set[asyncio.Task[Any]]) -> None:
         log.error("task did not stop when cancelled", task=t.get_name(), where=where)
 
 
+async def _cancel_hard(task: asyncio.Task[Any], tries: int = 5, wait_s: float = 1.0) -> None:
+    """Cancel ``task`` and wait for it, cancelling again if a library swallowed the cancel
+    (3.11's ``wait_for`` can), so the enclosing TaskGroup never waits forever."""
+    for _ in range(tries):
+        task.cancel()
+        await asyncio.wait([task], timeout=wait_s)
+        if task.done():
+            return
+        _log_stuck({task})
+
+
 def dump_tasks() -> None:
     """SIGUSR1: log every asyncio task and where it waits (to diagnose a hang)."""
     for t in asyncio.all_tasks():
@@ -304,7 +315,7 @@ class Daemon:
                 if pub is not None and mqtt_task is not None:
                     self._publish_retained(pub, "run/current", None)
                     await _bounded(pub.stop(flush_timeout=2.5), 3.5, "mqtt stop")
-                    mqtt_task.cancel()
+                    await _cancel_hard(mqtt_task)
         finally:
             for sig in installed:
                 with contextlib.suppress(Exception):
