@@ -67,6 +67,7 @@ def _cancel_checkpoint() -> None:
     iteration, dropping the cancel. A sender loop would then go back to waiting for work
     and its TaskGroup would wait for it forever (seen as a daemon that never exits after
     "mqtt stopped"). The task's ``cancelling()`` count still says it was cancelled.
+    Only for tasks created per connection: a long-lived task's count may stay raised.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -477,15 +478,17 @@ class MqttPublisher:
         async with client:
             self.connections += 1
             self._since = _now_iso()
-            await _publish(
-                client, self.topics.state, self._state_payload("online"), qos=1, retain=True
+            # Plain publish here: this is the long-lived run() task, whose cancelling()
+            # count 3.11's TaskGroup can leave raised after a lost connection; the
+            # checkpoint belongs in the per-connection sender tasks only.
+            await client.publish(
+                self.topics.state, self._state_payload("online"), qos=1, retain=True
             )
             for topic in self._retained:
                 self._retained_dirty[topic] = None
             self._retained_wake.set()
             if self.command_handler is not None:
                 await client.subscribe(self.topics.request_filter, qos=1)
-                _cancel_checkpoint()
             self.dropped_live += len(self._live)  # left over from the previous connection
             self._live.clear()
             self._set_connected(True)
