@@ -351,3 +351,16 @@ async def test_simulate_bad_input_exits_2(tmp_path: Path, args: list[str], says:
     assert len(errors) == 1 and says in errors[0], res
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "data").exists()
+
+
+async def test_simulate_with_aem_serial_gauges(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    res = await simulate(
+        tmp_path, "--no-mqtt", "--wideband", "aem_serial", "--pulls", "1", "--speed", SPEED,
+        "--data-dir", data,
+    )  # fmt: skip
+    assert res.rc == 0, res
+    n_sessions, _, _ = res.done()
+    assert n_sessions >= 1 and len(session_files(data)) == n_sessions
+    cmp = compare_sessions(session_files(data).values(), truth_file(data, res))
+    assert cmp.ve_cells >= 15 and cmp.ve_p95_abs is not None and cmp.ve_p95_abs <= 1.0

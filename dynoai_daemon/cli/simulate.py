@@ -53,6 +53,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config (station, mqtt, tuning, ...)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
     p.add_argument("--no-mqtt", action="store_true", help="do not publish to MQTT")
+    p.add_argument(
+        "--wideband",
+        choices=("mts", "aem", "aem_serial"),
+        default="mts",
+        help="how the widebands talk: Innovate MTS on a pty (default), AEMnet on CAN, "
+        "or two AEM serial gauges on ptys",
+    )
     p.set_defaults(handler=run)
 
 
@@ -165,7 +172,9 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
             else settings.mqtt.model_copy(update={"enabled": False})
         )
         settings = settings.model_copy(update={"mqtt": mqtt})
-    cell = VirtualCell(scenario, seed=args.seed, speed=args.speed, pulls=args.pulls)
+    cell = VirtualCell(
+        scenario, seed=args.seed, speed=args.speed, pulls=args.pulls, wideband=args.wideband
+    )
     try:
         await cell.start()
         sim = cell.simulation
