@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +37,6 @@ CLOCK_OFFSET = 1.0e6  # the driver clock is visibly not the bus clock
 
 def driver_clock() -> float:
     return time.monotonic() + CLOCK_OFFSET
-
-
-@pytest.fixture
-def channel() -> str:
-    return f"dynoai-test-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def peer(channel: str) -> Iterator[can.BusABC]:
-    bus = can.Bus(interface="virtual", channel=channel)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
 
 
 @contextlib.asynccontextmanager

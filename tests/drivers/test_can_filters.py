@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -390,20 +390,6 @@ def test_decode_capture_is_not_filtered(tmp_path: Path) -> None:
 
 
 # --- a real shared bus --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def channel() -> str:
-    return f"dynoai-filter-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def peer(channel: str) -> Iterator[can.BusABC]:
-    bus = can.Bus(interface="virtual", channel=channel)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
 
 
 @contextlib.asynccontextmanager

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import can
@@ -205,17 +204,9 @@ def test_scheduler_validation() -> None:
 
 
 @pytest.fixture
-def channel() -> str:
-    return f"dynoai-obd-{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def ecu_bus(channel: str) -> Iterator[can.BusABC]:
-    bus = can.Bus(interface="virtual", channel=channel)
-    try:
-        yield bus
-    finally:
-        bus.shutdown()
+def ecu_bus(peer: can.BusABC) -> can.BusABC:
+    """The ECU's end of the virtual channel (conftest's peer)."""
+    return peer
 
 
 @contextlib.asynccontextmanager
