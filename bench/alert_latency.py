@@ -824,6 +824,31 @@ def knock_arrivals(
     return on_alert
 
 
+def _outcome(
+    mode: str,
+    cfg: Mapping[str, Any],
+    w: Any,
+    arrivals: list[tuple[int, float]],
+    watch: Any,
+    **extra: Any,
+) -> Outcome:
+    """The Outcome of a measured window, either mode."""
+    assert w.report is not None
+    return Outcome(
+        mode=mode,
+        batch_ms=float(cfg.get("batch_ms", 20.0)),
+        sender=w.report,
+        arrivals=arrivals,
+        window_s=w.seconds,
+        daemon_cpu_pct=w.cpu_pct,
+        health=w.health,
+        other_alerts={k: v for k, v in watch.alerts_by_kind.items() if k != "knock"},
+        load=w.load,
+        wall_offset=wall_minus_perf(),
+        **extra,
+    )
+
+
 async def run_process(args: argparse.Namespace, tmp: Path, broker: MosquittoBroker) -> Outcome:
     """The daemon as ``dynoai run`` in its own process, CAN over udp_multicast."""
     station = f"bench{uuid.uuid4().hex[:6]}"
@@ -862,18 +887,13 @@ async def run_process(args: argparse.Namespace, tmp: Path, broker: MosquittoBrok
     if rc not in (0, None):
         print(f"warning: daemon exited with {rc}; log tail:\n{daemon.tail()}")
     assert w.report is not None
-    return Outcome(
-        mode=f"daemon as a separate process (dynoai run), CAN over udp_multicast "
+    return _outcome(
+        f"daemon as a separate process (dynoai run), CAN over udp_multicast "
         f"{CAN_GROUP}:{port}; sender in a child process",
-        batch_ms=float(cfg.get("batch_ms", 20.0)),
-        sender=w.report,
-        arrivals=arrivals,
-        window_s=w.seconds,
-        daemon_cpu_pct=w.cpu_pct,
-        health=w.health,
-        other_alerts={k: v for k, v in watch.alerts_by_kind.items() if k != "knock"},
-        load=w.load,
-        wall_offset=wall_minus_perf(),
+        cfg,
+        w,
+        arrivals,
+        watch,
         alert_log=[
             (round(float(ev["value"]) * 10), t)
             for ev in daemon.events("alert")
@@ -941,19 +961,14 @@ async def run_in_process(args: argparse.Namespace, tmp: Path, broker: MosquittoB
                 await asyncio.wait_for(task, 15)
         bus.shutdown()
     assert w.report is not None
-    return Outcome(
-        mode="IN-PROCESS FALLBACK: Daemon inside this process on a python-can virtual bus "
+    return _outcome(
+        "IN-PROCESS FALLBACK: Daemon inside this process on a python-can virtual bus "
         "(sender thread, subscriber and daemon share one interpreter and its GIL; "
         "'daemon CPU' is the whole process)",
-        batch_ms=float(cfg.get("batch_ms", 20.0)),
-        sender=w.report,
-        arrivals=arrivals,
-        window_s=w.seconds,
-        daemon_cpu_pct=w.cpu_pct,
-        health=w.health,
-        other_alerts={k: v for k, v in watch.alerts_by_kind.items() if k != "knock"},
-        load=w.load,
-        wall_offset=wall_minus_perf(),
+        cfg,
+        w,
+        arrivals,
+        watch,
     )
 
 
