@@ -155,8 +155,12 @@ async def _bounded(aw: Any, seconds: float, what: str) -> None:
 def _log_stuck(tasks: set[asyncio.Task[Any]]) -> None:
     """Name the tasks that ignored cancellation (a bug: the TaskGroup would wait forever)."""
     for t in tasks:
-        where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
-        log.error("task did not stop when cancelled", task=t.get_name(), where=where)
+        log.error("task did not stop when cancelled", task=t.get_name(), where=_where(t))
+
+
+def _where(t: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits: up to 8 ``file:line`` frames."""
+    return [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
 
 
 async def _cancel_hard(task: asyncio.Task[Any], tries: int = 5, wait_s: float = 1.0) -> None:
@@ -173,8 +177,7 @@ async def _cancel_hard(task: asyncio.Task[Any], tries: int = 5, wait_s: float = 
 def dump_tasks() -> None:
     """SIGUSR1: log every asyncio task and where it waits (to diagnose a hang)."""
     for t in asyncio.all_tasks():
-        where = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in t.get_stack(limit=8)]
-        log.warning("task", task=t.get_name(), done=t.done(), where=where)
+        log.warning("task", task=t.get_name(), done=t.done(), where=_where(t))
 
 
 def _finite(v: float) -> float | None:
