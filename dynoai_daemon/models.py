@@ -469,6 +469,16 @@ class CylinderGrid(_Model):
     afr_std: list[list[NonNeg]]
     knock_count: list[list[Annotated[int, Field(ge=0)]]]
     knock_max_deg: list[list[Annotated[float, Field(ge=0.0, le=90.0)]]]
+    #: sufficient statistics of afr/target per cell, so runs can be pooled exactly
+    #: (tuning.md "Tuning sessions"): weighted mean, weighted std (population form,
+    #: sqrt(sum w (x - m)^2 / sum w)) and the sum of squared weights
+    ratio_mean: list[list[OptFloat]] | None = None
+    ratio_std: list[list[NonNeg]] | None = None
+    weight_sq: list[list[Annotated[float, Field(ge=0.0)]]] | None = None
+    #: 95 % half-width (pp) of the cell's mean ratio, where it has one
+    ve_correction_ci_pct: list[list[NonNeg]] | None = None
+    #: the suggestion hit +/- max_correction_pct
+    clamped: list[list[bool]] | None = None
     #: suggested new VE (current VE x ratio) where the ECU's VE was logged; may exceed the
     #: 0..200 of a table because it is a suggestion, so only 0..300 is enforced
     new_ve: (
@@ -492,6 +502,11 @@ class CylinderGrid(_Model):
             "knock_count",
             "knock_max_deg",
             "new_ve",
+            "ratio_mean",
+            "ratio_std",
+            "weight_sq",
+            "ve_correction_ci_pct",
+            "clamped",
         ):
             rows = getattr(self, name)
             if rows is None:
