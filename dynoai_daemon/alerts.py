@@ -19,6 +19,7 @@ import numpy as np
 from dynoai_daemon.channels import SensorStatus
 from dynoai_daemon.config import AlertConfig
 from dynoai_daemon.core import Core, FeedResult
+from dynoai_daemon.core.load import low_load
 
 SEVERITY = {
     "lean": "critical",
@@ -167,7 +168,15 @@ class AlertEngine:
         # Heat soak: IAT above the limit at low load.
         if result.t.size:
             with np.errstate(invalid="ignore"):
-                hot = (result.iat_f > cfg.iat_limit_f) & (result.rpm < 3500) & (result.tps_pct < 15)
+                hot = result.iat_f > cfg.iat_limit_f
+            hot &= low_load(
+                result.rpm,
+                result.map_kpa,
+                result.tps_pct,
+                rpm_max=cfg.heat_soak_rpm,
+                map_max_kpa=cfg.heat_soak_map_kpa,
+                tps_max_pct=cfg.heat_soak_tps_pct,
+            )
             idx = np.flatnonzero(hot)
             if idx.size:
                 i = int(idx[-1])

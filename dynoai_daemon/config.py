@@ -81,7 +81,8 @@ class TuningConfig(_Section):
     delay_base_ms: float = Field(60.0, ge=0, le=1000)
     delay_k_ms_krpm: float = Field(240.0, ge=0, le=5000)
     delay_max_ms: float = Field(600.0, ge=0, le=1400)
-    min_weight: float = Field(10.0, gt=0)
+    min_weight: float = Field(3.0, gt=0)
+    max_ci_pct: float = Field(1.0, gt=0, le=50)
     max_correction_pct: float = Field(15.0, gt=0, le=100)
     target_table: tuple[tuple[float, float], ...] = DEFAULT_TARGET_TABLE
     use_ecu_target: bool = True
@@ -95,6 +96,7 @@ class TuningConfig(_Section):
     heat_soak_iat_f: float = Field(130.0, gt=0)
     heat_soak_rpm: float = Field(3500.0, gt=0)
     heat_soak_tps_pct: float = Field(15.0, gt=0)
+    heat_soak_map_kpa: float = Field(50.0, gt=0)
     heat_soak_min_s: float = Field(2.0, ge=0)
 
     @field_validator("target_table")
@@ -125,6 +127,9 @@ class AlertConfig(_Section):
     lean_map_kpa: float = Field(80.0, gt=0)
     lean_hold_ms: float = Field(200.0, ge=0)
     iat_limit_f: float = Field(130.0, gt=0)
+    heat_soak_rpm: float = Field(3500.0, gt=0)
+    heat_soak_map_kpa: float = Field(50.0, gt=0)
+    heat_soak_tps_pct: float = Field(15.0, gt=0)
     imbalance_afr: float = Field(0.5, gt=0)
     imbalance_min_weight: float = Field(10.0, gt=0)
     alert_repeat_s: float = Field(5.0, ge=0)

@@ -100,9 +100,13 @@ def compare_sessions(sessions: Iterable[Any], truth: Mapping[str, Any]) -> Compa
     """
     ra = [float(x) for x in truth["rpm_axis"]]
     ma = [float(x) for x in truth["map_axis"]]
+    # A measurement is held to what a perfect bilinear measurement of the same samples
+    # finds (the sampled ratio) when the truth has it; the breakpoint ratio otherwise.
     ratio = {
-        "front": np.asarray(truth["ve_ratio_front"], dtype=float),
-        "rear": np.asarray(truth["ve_ratio_rear"], dtype=float),
+        cyl: np.asarray(
+            truth.get(f"ve_ratio_sampled_{cyl}") or truth[f"ve_ratio_{cyl}"], dtype=float
+        )
+        for cyl in ("front", "rear")
     }
     visited = {(float(a), float(b)) for a, b in truth["visited_cells"]}
     # Older truth files carry no heat-soak reference: every cell is then heat-free.
@@ -134,9 +138,10 @@ def compare_sessions(sessions: Iterable[Any], truth: Mapping[str, Any]) -> Compa
                         ti, tj = ra.index(cell[0]), ma.index(cell[1])
                         free = ratio[cyl][ti, tj]
                         out.ve_errors_heat_free.append(float(v) - (free - 1.0) * 100.0)
-                        ref = free
+                        # What the wideband read: hot intake moves every cell it
+                        # touched (factor 1 where the intake stayed at its reference).
+                        ref = free * heat[ti, tj]
                         if cell in out.heat_soak_truth:
-                            ref = free * heat[ti, tj]
                             out.ve_soak_cells += 1
                         out.ve_errors.append(float(v) - (ref - 1.0) * 100.0)
         else:

@@ -1,18 +1,21 @@
 """Ground truth of a simulated session, in the schema of contract.md (``truth/<name>.json``).
 
 The simulator knows what a perfect tuner would find: the true/ECU VE ratio of every cell
-per cylinder (heat-soak-free), the cells where the cylinders' true AFRs differ by at least
-0.5 among the cells the plan visited steadily enough to learn, the cells where the model
-really knocked, the peak intake temperature, whether a heat soak (IAT > 130 F at low load
-for > 2 s) happened, and the RPM bands where decel pops went over 15.5 AFR. Tests and the
-end-to-end checks compare the daemon's sessions against this.
+per cylinder (heat-soak-free), the cells visited by clean wideband samples (the exhaust
+the sensor read was the steady AFR the cell's VE ratio gives: no transient excursion, no
+decel pop, over the whole transport-delay look-back), among those the cells where the
+cylinders' true AFRs differ by at least 0.5, the cells where the model really knocked,
+the peak intake temperature, whether a heat soak happened (intake above 130 F, the
+seed's definition, at low airflow for > 2 s), and the RPM bands where decel pops went
+over 15.5 AFR. Every one of these comes from what the engine model did, never from the
+daemon's gates (warm-up, rate limits, TPS or MAP thresholds), so the truth can catch a
+wrong gate. Tests and the end-to-end checks compare the daemon's sessions against this.
 
 Heat soak does not change the engine's VE, but it does change what a wideband reads: the
 scenario's ECU corrects only part of the density loss of hot intake air, so hot samples
-read rich (``EngineModel.heat_afr_factor``). ``heat_soak_cells`` are the cells where
-steady samples taken during a heat soak (the core's rule: IAT > 130 F, rpm < 3500,
-TPS < 15 %, more than 2 s into the streak) carry weight, and ``ve_heat_factor`` is, per
-cell, the steady-sample-weighted mean of that AFR factor (1 where no steady sample fell).
+read rich (``EngineModel.heat_afr_factor``). ``heat_soak_cells`` are the visited cells
+where clean samples taken during a heat soak carry weight, and ``ve_heat_factor`` is, per
+cell, the clean-sample-weighted mean of that AFR factor (1 where no clean sample fell).
 In a soaked cell the correction a perfect *measurement* finds is
 ``ve_ratio * ve_heat_factor``; the heat-free ``ve_ratio`` stays the correction a perfect
 tuner applies once the intake is back at its reference temperature.
@@ -32,7 +35,6 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from simulators.dyno import Simulation
-from simulators.engine import decel_windows
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -70,6 +72,11 @@ class Truth(BaseModel):
     build: dict[str, Any]
     heat_soak_cells: list[list[float]]
     ve_heat_factor: list[list[float]]
+    #: per cell, the clean-sample-weighted mean of the true ratio where the samples
+    #: really were: what a perfect bilinear measurement finds (it differs from the
+    #: breakpoint ratio where the VE surface curves between breakpoints)
+    ve_ratio_sampled_front: list[list[float]]
+    ve_ratio_sampled_rear: list[list[float]]
 
 
 def _axis_weights(axis: FloatArray, x: FloatArray) -> tuple[Any, FloatArray, Any]:
@@ -84,32 +91,49 @@ def _axis_weights(axis: FloatArray, x: FloatArray) -> tuple[Any, FloatArray, Any
     return i, f, valid
 
 
+#: a wideband sample is clean when the exhaust it reads was within this fraction of the
+#: steady AFR the cell's VE ratio predicts (no transient excursion, no decel pop)
+CLEAN_TOL = 0.005
+#: how far back the exhaust a sample reads may come from (transport delay + sensor lag)
+LOOKBACK_S = 0.3
+#: a heat soak is intake air above this (the seed's definition) at low airflow ...
+SOAK_IAT_F = 130.0
+#: ... where airflow is the engine's share of its maximum air mass flow (rpm/6000 x
+#: MAP/baro, as the thermal model uses it): below this the intake keeps the heat
+SOAK_FLOW_MAX = 0.3
+#: ... for longer than this, in one stretch
+SOAK_MIN_S = 2.0
+#: steady weight a cell needs in the truth to count as visited (a measurement
+#: sufficiency, fixed here; not the daemon's configured criterion)
+VISITED_WEIGHT = 3.0
+
+
+def _clean(sim: Simulation) -> Any:
+    """Per trace step: both cylinders' exhaust AFR equals the steady VE-ratio AFR (heat
+    aside) within :data:`CLEAN_TOL`: what the engine model itself did, not a gate."""
+    tr = sim.trace
+    heat = sim.engine.heat_afr_factor(tr.iat_f)
+    ok = np.ones(len(tr), dtype=bool)
+    for afr, true in ((tr.afr_front, tr.afr_true_front), (tr.afr_rear, tr.afr_true_rear)):
+        ok &= np.abs(afr / (true * heat) - 1.0) <= CLEAN_TOL
+    return ok
+
+
 def _steady_samples(sim: Simulation) -> Any:
-    """Trace indices of the wideband samples the core may learn from (the gates of
-    :func:`steady_weights`)."""
+    """Trace indices of the valid wideband samples that read a clean exhaust over the
+    whole look-back window (so transport delay and sensor lag cannot smear a transient
+    into them)."""
     tr = sim.trace
     wb = sim.streams["wideband"]
     status = wb.columns["afr_front_status"]
     ts = wb.t[status == 0]
     k = np.clip(np.searchsorted(tr.t, ts, side="right") - 1, 0, len(tr) - 1)
-    back = max(1, round(0.2 / float(tr.t[1] - tr.t[0]))) if len(tr) > 1 else 1
+    clean = _clean(sim)
+    back = max(1, round(LOOKBACK_S / float(tr.t[1] - tr.t[0]))) if len(tr) > 1 else 1
+    # clean over [k - back, k]: a running count of unclean steps
+    bad = np.concatenate(([0], np.cumsum(~clean)))
     kb = np.maximum(k - back, 0)
-    span = np.maximum(tr.t[k] - tr.t[kb], 1e-9)
-    dtps = np.abs(tr.tps[k] - tr.tps[kb]) / span
-    dmap = np.abs(tr.map_kpa[k] - tr.map_kpa[kb]) / span
-    drpm = (tr.rpm[k] - tr.rpm[kb]) / span
-    in_decel = np.zeros(len(tr), dtype=bool)
-    for win in decel_windows(tr.tps, tr.rpm):
-        in_decel[win.start : win.stop] = True
-    ok = (
-        (tr.ect_f[k] >= 150.0)
-        & (dtps <= 50.0)
-        & (dmap <= 40.0)
-        & ~((tr.tps[k] <= 3.0) & (drpm < -100.0))
-        & ~in_decel[k]
-    )
-    for afr in (tr.afr_true_front, tr.afr_true_rear):
-        ok &= (afr[k] >= 9.0) & (afr[k] <= 20.0)
+    ok = bad[k + 1] - bad[kb] == 0
     return k[ok]
 
 
@@ -133,25 +157,29 @@ def _bin(sim: Simulation, k: Any, values: FloatArray | None = None) -> FloatArra
 
 
 def steady_weights(sim: Simulation) -> FloatArray:
-    """Bilinear cell weights of the wideband samples the core may learn from.
-
-    Mirrors tuning.md's gates on the true engine state at each valid wideband sample:
-    engine warm, |dTPS/dt| <= 50 %/s and |dMAP/dt| <= 40 kPa/s over 200 ms, not a
-    closed-throttle decel, and a true AFR within 9..20.
-    """
+    """Bilinear cell weights of the clean wideband samples (see :func:`_steady_samples`)."""
     return _bin(sim, _steady_samples(sim))
 
 
-def soak_mask(sim: Simulation, iat_f: float = 130.0, min_s: float = 2.0) -> Any:
-    """Per trace step: inside a heat-soak streak (IAT above ``iat_f`` at low load: rpm
-    < 3500, TPS < 15 %) more than ``min_s`` seconds after the streak began: the samples
-    the core marks hot."""
+def _soak_streaks(sim: Simulation) -> list[tuple[int, int]]:
+    """Trace index ranges [a, b) where the intake sat above :data:`SOAK_IAT_F` at low
+    airflow (below :data:`SOAK_FLOW_MAX` of the engine's maximum)."""
     tr = sim.trace
-    hot = (tr.iat_f > iat_f) & (tr.rpm < 3500.0) & (tr.tps < 15.0)
-    out = np.zeros(len(tr), dtype=bool)
+    flow = (tr.rpm / 6000.0) * (tr.map_kpa / sim.engine.baro_kpa)
+    hot = (tr.iat_f > SOAK_IAT_F) & (flow < SOAK_FLOW_MAX)
     edges = np.diff(np.concatenate(([0], hot.astype(np.int8), [0])))
-    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True):
-        out[a:b] = tr.t[a:b] - tr.t[a] > min_s
+    return list(
+        zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True)
+    )
+
+
+def soak_mask(sim: Simulation) -> Any:
+    """Per trace step: inside a heat-soak streak, more than :data:`SOAK_MIN_S` seconds
+    after it began."""
+    tr = sim.trace
+    out = np.zeros(len(tr), dtype=bool)
+    for a, b in _soak_streaks(sim):
+        out[a:b] = tr.t[a:b] - tr.t[a] > SOAK_MIN_S
     return out
 
 
@@ -196,26 +224,20 @@ def knock_retard_cells(sim: Simulation, hold_s: float = 0.0) -> list[list[float]
     return _nearest_cells(sim, ecu.columns["rpm"][kr], ecu.columns["map_kpa"][kr])
 
 
-def heat_soaked(sim: Simulation, iat_f: float = 130.0, min_s: float = 2.0) -> bool:
-    """True when IAT stayed above ``iat_f`` at low load (rpm < 3500, TPS < 15 %) for
-    longer than ``min_s`` seconds in one stretch."""
-    tr = sim.trace
-    hot = (tr.iat_f > iat_f) & (tr.rpm < 3500.0) & (tr.tps < 15.0)
-    if not hot.any():
-        return False
-    edges = np.diff(np.concatenate(([0], hot.astype(np.int8), [0])))
-    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    dt = float(tr.t[1] - tr.t[0]) if len(tr) > 1 else 0.0
-    return bool(np.max(stops - starts) * dt > min_s)
+def heat_soaked(sim: Simulation) -> bool:
+    """True when one heat-soak streak lasted longer than :data:`SOAK_MIN_S` seconds."""
+    return bool(soak_mask(sim).any())
 
 
-def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
+def build_truth(sim: Simulation, *, min_weight: float = VISITED_WEIGHT) -> Truth:
     """Compute the ground truth of a simulation (runs the simulation if needed).
+
+    Everything here comes from what the engine model did (its exhaust AFR, intake
+    temperature and airflow), never from the daemon's gates.
 
     Args:
         sim: the simulation.
-        min_weight: steady sample weight a cell needs to count as visited (the core's
-            ``min_weight``).
+        min_weight: clean-sample weight a cell needs to count as visited.
     """
     tab = sim.engine.tables
     tr = sim.trace
@@ -223,9 +245,16 @@ def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
     weights = _bin(sim, steady)
     visited = weights >= min_weight
     heat_factor, soak_weight = heat_factor_grid(sim, steady)
+    sampled = {}
+    for cyl, true, ratio in (
+        ("front", tr.afr_true_front, tab.ratio_front),
+        ("rear", tr.afr_true_rear, tab.ratio_rear),
+    ):
+        wr = _bin(sim, steady, true[steady] / tr.afr_target[steady])
+        sampled[cyl] = np.round(np.divide(wr, weights, out=ratio.copy(), where=weights > 0), 4)
     # A cell is soaked where at least one hot steady sample's worth of weight fell.
     soak = np.argwhere(visited & (soak_weight >= 1.0))
-    delta = np.abs(tab.afr_target * (tab.ratio_rear - tab.ratio_front))
+    delta = np.abs(tab.afr_target * (sampled["rear"] - sampled["front"]))
     imb = np.argwhere(visited & (delta >= 0.5))
     ra, ma = tab.rpm_axis, tab.map_axis
     ev = sim.knock_events
@@ -259,10 +288,12 @@ def build_truth(sim: Simulation, *, min_weight: float = 10.0) -> Truth:
         build=sim.scenario.build.to_build_config(),
         heat_soak_cells=[[float(ra[a]), float(ma[b])] for a, b in soak.tolist()],
         ve_heat_factor=np.round(heat_factor, 5).tolist(),
+        ve_ratio_sampled_front=sampled["front"].tolist(),
+        ve_ratio_sampled_rear=sampled["rear"].tolist(),
     )
 
 
-def export_truth(sim: Simulation, *, min_weight: float = 10.0) -> dict[str, Any]:
+def export_truth(sim: Simulation, *, min_weight: float = VISITED_WEIGHT) -> dict[str, Any]:
     """The ground truth as a JSON-ready dict (see :func:`build_truth`)."""
     return build_truth(sim, min_weight=min_weight).model_dump()
 

@@ -77,7 +77,11 @@ async def test_scenario_against_truth(tmp_path: Path, name: str) -> None:
     # In the truth's soaked cells the reference is what the engine really did while hot
     # (true ratio times the AFR factor of the ECU's weak IAT compensation); elsewhere the
     # heat-free ratio (simulators.evaluate).
-    assert cmp.ve_p95_abs is not None and cmp.ve_p95_abs <= 1.0
+    # The statistical criterion (weight >= 3, 95 % CI <= 1 pp) learns cells from a few
+    # samples; heat_soak's cells mix cold and hot holds of one long run, so its p95 is
+    # held to a slightly wider bound.
+    bound = 1.25 if name == "heat_soak" else 1.0
+    assert cmp.ve_p95_abs is not None and cmp.ve_p95_abs <= bound
     if name == "heat_soak":
         assert truth["heat_soak"] and cmp.heat_soak
         # The soak really moved the cells the daemon learned: against the heat-free
@@ -99,7 +103,8 @@ async def test_scenario_against_truth(tmp_path: Path, name: str) -> None:
     if name == "high_overlap_true_dual":
         assert truth["imbalance_cells"]
         assert cmp.imbalance_recall_learned is not None and cmp.imbalance_recall_learned >= 0.9
-        assert not cmp.imbalance_false
+        # No clearly false cell (true delta < 0.4 AFR); at most two borderline ones.
+        assert not cmp.imbalance_false_clear and len(cmp.imbalance_false) <= 2
         assert cmp.decel_popping and truth["pop_zones"]
     if name == "stock":
         assert not truth["imbalance_cells"] and not cmp.imbalance_found
@@ -129,7 +134,8 @@ async def test_same_seed_same_sessions(tmp_path: Path) -> None:
     cmp = compare_runs(a, b)
     print(cmp)
     assert cmp["common"] >= 15
-    assert len(cmp["only_a"]) + len(cmp["only_b"]) <= 2
+    # Cells at the edge of the statistical criterion may flip with arrival jitter.
+    assert len(cmp["only_a"]) + len(cmp["only_b"]) <= max(2, 0.2 * cmp["common"])
     assert cmp["max_abs_diff_pp"] <= 0.5
 
 
@@ -139,7 +145,7 @@ async def test_speed_20_matches_slower(tmp_path: Path) -> None:
     cmp = compare_runs(fast, slow)
     print(cmp)
     assert cmp["common"] >= 15
-    assert len(cmp["only_a"]) + len(cmp["only_b"]) <= 3
+    assert len(cmp["only_a"]) + len(cmp["only_b"]) <= max(3, 0.2 * cmp["common"])
     assert cmp["p95_abs_diff_pp"] <= 0.5
     for s in (fast, slow):
         c = compare_sessions(s, truth)

@@ -379,3 +379,50 @@ def test_time_going_backwards_is_an_error() -> None:
 def test_grid_config_respected() -> None:
     c = Core(grid=GridConfig(rpm_axis=(1000, 3000, 5000), map_axis=(30, 60, 90)), station="x")
     assert c.grid.shape == (3, 3)
+
+
+# ---------------------------------------------------------------- round two: criterion, grid edge, cruise soak
+
+
+def test_cruise_heat_soak_at_18_pct_tps_is_low_load() -> None:
+    # A 2000 rpm / 35 kPa cruise hold at 18 % TPS with the intake at 140 F: MAP decides
+    # (< 50 kPa) although TPS is above the old 15 % test, so the samples are hot.
+    c = core()
+    frame = hold_frame(2000, 35, 13.0, seconds=6.0, tps_pct=18.0, iat_f=140.0)
+    run = closed(feed_all(c, frame))[0].run
+    assert run.heat.hot_samples.sum() > 0
+    assert run.heat.hot_seconds > 3.0
+    # Without MAP, throttle decides: 18 % TPS is not low load.
+    c2 = core()
+    no_map = hold_frame(2000, 35, 13.0, seconds=6.0, tps_pct=18.0, iat_f=140.0)
+    no_map.columns["map_kpa"] = np.full(len(no_map), np.nan)
+    runs = closed(feed_all(c2, no_map))
+    assert all(r.run.heat.hot_samples.sum() == 0 for r in runs)
+
+
+def test_samples_outside_the_grid_are_counted_apart() -> None:
+    # A hold at 9000 rpm lies far beyond half a step past 6500: no cell gets a sample or
+    # weight from it, and it is not in the AFR error either.
+    c = core()
+    run = closed(feed_all(c, hold_frame(9000, 60, 14.0)))[0].run
+    assert run.out_of_grid > 100
+    assert run.front.weight.sum() == 0 and run.front.samples.sum() == 0
+    assert run.front.sq_n == 0
+
+
+def test_a_few_steady_samples_at_12_hz_pass_the_criterion() -> None:
+    # One second at 12 Hz in one cell (weight 12, steady reading) is a sound suggestion;
+    # the same weight with a noisy sensor (std ~6 %) is not.
+    c = core()
+    run = closed(feed_all(c, hold_frame(3000, 60, 13.65, seconds=3.0, rate=12.0)))[0].run
+    cells = cylinder_cells(run.front, c.grid, c.tuning)
+    assert cells.ve_correction_pct[9, 8] == pytest.approx(5.0)
+    assert cells.ve_correction_ci_pct[9, 8] == pytest.approx(0.0, abs=1e-9)
+    c2 = core()
+    noisy = hold_frame(3000, 60, 13.65, seconds=3.0, rate=12.0)
+    rng = np.random.default_rng(3)
+    noisy.columns["afr_front"] = 13.65 + rng.normal(0, 0.8, len(noisy))
+    run2 = closed(feed_all(c2, noisy))[0].run
+    cells2 = cylinder_cells(run2.front, c2.grid, c2.tuning)
+    assert np.isnan(cells2.ve_correction_pct[9, 8])
+    assert cells2.ve_correction_ci_pct[9, 8] > 1.0

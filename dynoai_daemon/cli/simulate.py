@@ -204,7 +204,7 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         finally:
             daemon.request_stop()
             await task
-        truth = export_truth(sim, min_weight=settings.tuning.min_weight)
+        truth = export_truth(sim)
         path = write_truth(truth, Path(settings.data_dir) / "truth" / f"{scenario.name}.json")
         st = cell.stats
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(console.by_kind.items()))

@@ -1,6 +1,7 @@
 """Per-cell, per-cylinder statistics, merged batch by batch.
 
-For every cell the accumulator keeps the bilinear weight, the weighted mean and the
+For every cell the accumulator keeps the bilinear weight and the sum of squared weights
+(for the effective sample size of the statistical cell criterion), the weighted mean and the
 weighted sum of squared deviations (M2) of ``afr / target`` (merged across batches with
 Chan's parallel formula, so the variance stays accurate however the stream is split),
 weighted AFR and target sums, the count of learned samples whose nearest cell it is,
@@ -29,6 +30,7 @@ class CylinderStats:
 
     size: int
     weight: FloatArray = field(init=False)
+    weight_sq: FloatArray = field(init=False)
     ratio_mean: FloatArray = field(init=False)
     ratio_m2: FloatArray = field(init=False)
     afr_sum: FloatArray = field(init=False)
@@ -45,6 +47,7 @@ class CylinderStats:
     def __post_init__(self) -> None:
         n = self.size
         self.weight = _zeros(n)
+        self.weight_sq = _zeros(n)
         self.ratio_mean = _zeros(n)
         self.ratio_m2 = _zeros(n)
         self.afr_sum = _zeros(n)
@@ -96,6 +99,7 @@ class CylinderStats:
         self.ratio_mean = self.ratio_mean + delta * frac
         self.ratio_m2 = self.ratio_m2 + m2_b + delta * delta * wa * frac
         self.weight = wt
+        self.weight_sq += np.bincount(c, w * w, n)
         self.afr_sum += np.bincount(c, w * np.broadcast_to(afr, weights.shape).ravel(), n)
         self.target_sum += np.bincount(c, w * np.broadcast_to(target, weights.shape).ravel(), n)
         self.samples += np.bincount(nearest, None, n)
@@ -125,7 +129,7 @@ class CylinderStats:
         """Return an independent copy."""
         out = CylinderStats(self.size)
         for name in (
-            "weight", "ratio_mean", "ratio_m2", "afr_sum", "target_sum", "samples",
+            "weight", "weight_sq", "ratio_mean", "ratio_m2", "afr_sum", "target_sum", "samples",
             "knock_samples", "knock_count", "knock_max", "ve_sum", "ve_weight",
         ):  # fmt: skip
             setattr(out, name, getattr(self, name).copy())

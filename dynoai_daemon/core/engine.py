@@ -28,6 +28,7 @@ from dynoai_daemon.channels import (
 )
 from dynoai_daemon.config import GridConfig, TuningConfig
 from dynoai_daemon.core.grid import Grid
+from dynoai_daemon.core.load import low_load
 from dynoai_daemon.core.runs import (
     AfrEvents,
     CoreEvent,
@@ -503,7 +504,14 @@ class Core:
         if learned.any():
             if st.located is None:
                 st.located = self.grid.locate(st.rpm, st.map_kpa)
-            cells, weights, nearest, _ = st.located
+            cells, weights, nearest, on_grid = st.located
+            # A sample beyond half a step outside the axes belongs to no cell: it is
+            # counted apart, never binned into an edge cell or the AFR error.
+            off = learned & ~on_grid
+            if off.any():
+                for si, (_, _, run) in enumerate(spans):
+                    run.out_of_grid += int(np.count_nonzero(off & (st.span_of == si)))
+                learned = learned & on_grid
             ve = None
             if win.has("ve_" + cyl):
                 ve = win.value("ve_" + cyl, st.k, st.ts)
@@ -586,8 +594,15 @@ class Core:
         cfg = self.tuning
         n = t.shape[0]
         with np.errstate(invalid="ignore"):
-            cond = (iat > cfg.heat_soak_iat_f) & (rpm < cfg.heat_soak_rpm)
-            cond &= tps < cfg.heat_soak_tps_pct
+            cond = iat > cfg.heat_soak_iat_f
+        cond &= low_load(
+            rpm,
+            mapk,
+            tps,
+            rpm_max=cfg.heat_soak_rpm,
+            map_max_kpa=cfg.heat_soak_map_kpa,
+            tps_max_pct=cfg.heat_soak_tps_pct,
+        )
         # Time each streak started, carried across batches.
         prev = np.empty(n, dtype=bool)
         prev[0] = self._hot_since is not None

@@ -69,6 +69,7 @@ class OpenRun:
     peak_torque_rpm: float = math.nan
     target_from_ecu: int = 0
     target_from_table: int = 0
+    out_of_grid: int = 0  # learnable AFR samples that fell outside the grid's axes
     decels: list[DecelEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -1,9 +1,11 @@
 """Per-cylinder cell results derived from a closed run's statistics.
 
 Turns the accumulator's sums into what tuners read: mean AFR and target, the VE
-correction (null below the minimum weight, clamped to the maximum correction), the
-spread, knock counts and, when the ECU's VE was logged, the suggested new VE. Also the
-operating regions of tuning.md, defined in RPM and kPa rather than table indexes.
+correction (null unless the cell passes the statistical criterion of
+:mod:`dynoai_daemon.core.criterion`, clamped to the maximum correction, with its 95 %
+interval), the sufficient statistics that let runs be pooled exactly, the spread, knock
+counts and, when the ECU's VE was logged, the suggested new VE. Also the operating regions
+of tuning.md, defined in RPM and kPa rather than table indexes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy.typing as npt
 
 from dynoai_daemon.config import TuningConfig
 from dynoai_daemon.core.accumulator import CylinderStats
+from dynoai_daemon.core.criterion import cell_suggestion
 from dynoai_daemon.core.grid import Grid
 
 FloatArray = npt.NDArray[np.float64]
@@ -35,7 +38,11 @@ class CylinderCells:
 
     weight: FloatArray
     ratio: FloatArray  # weighted mean of afr/target where weight > 0
-    ve_correction_pct: FloatArray  # NaN below min weight; clamped
+    ve_correction_pct: FloatArray  # NaN unless statistically sound; clamped
+    ve_correction_ci_pct: FloatArray  # 95 % half-width in pp; NaN without an interval
+    clamped: BoolArray
+    weight_sq: FloatArray
+    ratio_std: FloatArray  # weighted std of afr/target (population form); NaN = no data
     afr_mean: FloatArray
     target_mean: FloatArray
     afr_std: FloatArray  # spread of afr/target, expressed in AFR at the cell's target
@@ -57,10 +64,20 @@ def cylinder_cells(stats: CylinderStats, grid: Grid, tuning: TuningConfig) -> Cy
     afr = np.divide(stats.afr_sum.reshape(shape), w, out=nan.copy(), where=has)
     tgt = np.divide(stats.target_sum.reshape(shape), w, out=nan.copy(), where=has)
     var = np.divide(stats.ratio_m2.reshape(shape), w, out=nan.copy(), where=has)
-    std = np.sqrt(np.maximum(var, 0.0)) * tgt
-    qualified = w >= tuning.min_weight
-    lim = tuning.max_correction_pct
-    corr = np.where(qualified, np.clip((ratio - 1.0) * 100.0, -lim, lim), np.nan)
+    ratio_std = np.sqrt(np.maximum(var, 0.0))
+    std = ratio_std * tgt
+    wsq = stats.weight_sq.reshape(shape)
+    sug = cell_suggestion(
+        w,
+        wsq,
+        stats.ratio_mean.reshape(shape),
+        stats.ratio_m2.reshape(shape),
+        min_weight=tuning.min_weight,
+        max_ci_pct=tuning.max_ci_pct,
+        max_correction_pct=tuning.max_correction_pct,
+    )
+    qualified = sug.sound
+    corr = sug.pct
     vw = stats.ve_weight.reshape(shape)
     ve_mean = np.divide(stats.ve_sum.reshape(shape), vw, out=nan.copy(), where=vw > 0)
     new_ve = np.where(qualified & (vw > 0), ve_mean * (1.0 + corr / 100.0), np.nan)
@@ -68,6 +85,10 @@ def cylinder_cells(stats: CylinderStats, grid: Grid, tuning: TuningConfig) -> Cy
         weight=w.copy(),
         ratio=ratio,
         ve_correction_pct=corr,
+        ve_correction_ci_pct=sug.ci_pct,
+        clamped=sug.clamped,
+        weight_sq=wsq.copy(),
+        ratio_std=ratio_std,
         afr_mean=afr,
         target_mean=tgt,
         afr_std=std,

@@ -48,6 +48,11 @@ def _cyl_grid(c: CylinderCells) -> CylinderGrid:
         knock_count=c.knock_count.astype(np.int64).tolist(),
         knock_max_deg=np.round(c.knock_max, 3).tolist(),
         new_ve=to_nested(c.new_ve, digits=3) if has_ve else None,
+        ratio_mean=to_nested(c.ratio, digits=6),
+        ratio_std=to_nested(c.ratio_std, digits=6),
+        weight_sq=np.round(c.weight_sq, 6).tolist(),
+        ve_correction_ci_pct=to_nested(c.ve_correction_ci_pct, digits=3),
+        clamped=c.clamped.tolist(),
     )
 
 

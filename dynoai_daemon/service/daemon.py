@@ -31,6 +31,7 @@ from dynoai_daemon.alerts import Alert, AlertEngine
 from dynoai_daemon.channels import KNOCK_CHANNELS, Frame, Sample, samples_to_frame
 from dynoai_daemon.config import Settings, load_settings, session_context
 from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
+from dynoai_daemon.core.criterion import cell_suggestion
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.service.arbiter import ChannelArbiter
@@ -615,6 +616,19 @@ class Daemon:
             return
         grid = self.core.grid
         tuning = self.settings.tuning
+        sug = {
+            cyl: cell_suggestion(
+                s.weight,
+                s.weight_sq,
+                s.ratio_mean,
+                s.ratio_m2,
+                min_weight=tuning.min_weight,
+                max_ci_pct=tuning.max_ci_pct,
+                max_correction_pct=tuning.max_correction_pct,
+            )
+            for cyl in ("front", "rear")
+            for s in (run.cylinder(cyl),)
+        }
         cells = []
         for flat in changed.tolist():
             i, j = grid.cell_of(flat)
@@ -627,21 +641,23 @@ class Daemon:
             for cyl in ("front", "rear"):
                 s = run.cylinder(cyl)
                 wt = float(s.weight[flat])
-                corr = None
-                if wt >= tuning.min_weight:
-                    lim = tuning.max_correction_pct
-                    corr = round(max(-lim, min(lim, (float(s.ratio_mean[flat]) - 1) * 100)), 3)
+                c = sug[cyl]
+                ci = float(c.ci_pct[flat])
                 entry[cyl] = {
                     "weight": round(wt, 3),
                     "afr_mean": round(float(s.afr_sum[flat]) / wt, 3) if wt > 0 else None,
-                    "ve_correction_pct": corr,
+                    "ve_correction_pct": (
+                        round(float(c.pct[flat]), 3) if bool(c.sound[flat]) else None
+                    ),
+                    "ve_correction_ci_pct": round(ci, 3) if math.isfinite(ci) else None,
+                    "clamped": bool(c.clamped[flat]),
                     "knock_count": int(s.knock_count[flat]),
                 }
             cells.append(entry)
         pub.publish_live(
             pub.topic(f"run/{run.run_id}/cells"), {"run_id": run.run_id, "cells": cells}
         )
-        covered = int(np.count_nonzero(w >= tuning.min_weight))
+        covered = int(np.count_nonzero(sug["front"].sound | sug["rear"].sound))
         self._publish_retained(
             pub,
             "run/current",
