@@ -381,7 +381,7 @@ def test_grid_config_respected() -> None:
     assert c.grid.shape == (3, 3)
 
 
-# ---------------------------------------------------------------- round two: criterion, grid edge, cruise soak
+# ---------------------------------------- round two: criterion, grid edge, cruise soak
 
 
 def test_cruise_heat_soak_at_18_pct_tps_is_low_load() -> None:
