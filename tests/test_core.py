@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynoai_daemon.channels import Frame, SensorStatus
-from dynoai_daemon.config import GridConfig, TuningConfig
+from dynoai_daemon.config import GridConfig, Settings, TuningConfig
 from dynoai_daemon.core import Core, Grid, RunClosed, RunDiscarded, RunStarted, transport_delay_s
+from dynoai_daemon.models import TuningSession
 from dynoai_daemon.patterns.cells import cylinder_cells
+from dynoai_daemon.patterns.session import SessionBuilder
 from tests.synth import Plan, make_log
 
 SHAPE = (19, 18)
@@ -426,3 +428,16 @@ def test_a_few_steady_samples_at_12_hz_pass_the_criterion() -> None:
     cells2 = cylinder_cells(run2.front, c2.grid, c2.tuning)
     assert np.isnan(cells2.ve_correction_pct[9, 8])
     assert cells2.ve_correction_ci_pct[9, 8] > 1.0
+
+
+def test_built_session_is_schema_valid_and_round_trips() -> None:
+    # The session builder checks the grid's ranges on whole arrays instead of validating
+    # every element; what it builds must still be exactly what validation accepts.
+    c = core()
+    run = closed(feed_all(c, _FRAME))[0].run
+    s = SessionBuilder.from_settings(Settings()).build(run)
+    back = TuningSession.model_validate_json(s.model_dump_json())
+    assert back == s
+    assert s.grid is not None and any(
+        v is not None for row in s.grid.front.ratio_mean or [] for v in row
+    )

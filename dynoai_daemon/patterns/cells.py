@@ -112,13 +112,16 @@ def region_mask(grid: Grid, region: str) -> BoolArray:
 def to_nested(a: FloatArray, *, digits: int = 4) -> list[list[float | None]]:
     """Return a 2-D array as nested lists with NaN as None, rounded for JSON."""
     rounded = np.round(a, digits)
-    rows: list[list[float | None]] = rounded.tolist()
-    if np.isfinite(rounded).all():
+    finite = np.isfinite(rounded)
+    if finite.all():
+        rows: list[list[float | None]] = rounded.tolist()
         return rows
-    bad = ~np.isfinite(rounded)
-    for i, j in zip(*np.nonzero(bad), strict=True):
-        rows[i][j] = None
-    return rows
+    # An object array takes None in one vectorised assignment (a Python loop over the
+    # empty cells of a mostly empty grid was the slowest part of building a session).
+    obj = rounded.astype(object)
+    obj[~finite] = None
+    out: list[list[float | None]] = obj.tolist()
+    return out
 
 
 def nan_to_none(x: float, digits: int = 4) -> float | None:

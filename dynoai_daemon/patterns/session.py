@@ -37,9 +37,40 @@ from dynoai_daemon.patterns import decel, heat_soak, imbalance, knock, ve_scalin
 from dynoai_daemon.patterns.cells import CylinderCells, cylinder_cells, nan_to_none, to_nested
 
 
+def _within(a: np.ndarray[Any, Any], lo: float, hi: float) -> bool:
+    """True when every finite value of ``a`` lies in [lo, hi] (NaN becomes None)."""
+    fin = a[np.isfinite(a)]
+    return bool(fin.size == 0 or (fin.min() >= lo and fin.max() <= hi)) and not np.isinf(a).any()
+
+
+def _schema_ranges_hold(c: CylinderCells) -> bool:
+    """The CylinderGrid field ranges, checked on whole arrays at once."""
+    return (
+        _within(c.weight, 0.0, math.inf)
+        and _within(c.weight_sq, 0.0, math.inf)
+        and _within(c.afr_mean, 5.0, 25.0)
+        and _within(c.target_mean, 5.0, 25.0)
+        and _within(c.ve_correction_pct, -100.0, 100.0)
+        and _within(c.afr_std, 0.0, math.inf)
+        and _within(c.ratio_std, 0.0, math.inf)
+        and _within(c.ve_correction_ci_pct, 0.0, math.inf)
+        and _within(c.knock_count, 0.0, math.inf)
+        and _within(c.knock_max, 0.0, 90.0)
+        and _within(c.new_ve, 0.0, 300.0)
+        and _within(c.ratio, -math.inf, math.inf)
+    )
+
+
 def _cyl_grid(c: CylinderCells) -> CylinderGrid:
+    """The session's grid of one cylinder.
+
+    Validating ~20 nested 19 x 18 lists element by element was most of the cost of a
+    session; the same ranges are checked here on whole arrays, and only when one fails
+    does the validating constructor run (to raise its error naming the field).
+    """
     has_ve = bool(np.isfinite(c.new_ve).any())
-    return CylinderGrid(
+    make = CylinderGrid.model_construct if _schema_ranges_hold(c) else CylinderGrid
+    return make(
         weight=np.round(c.weight, 4).tolist(),
         afr_mean=to_nested(c.afr_mean),
         afr_target_mean=to_nested(c.target_mean),
