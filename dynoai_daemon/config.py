@@ -135,6 +135,13 @@ class AlertConfig(_Section):
     alert_repeat_s: float = Field(5.0, ge=0)
 
 
+class TuneConfig(_Section):
+    """The base tune of the build on the dyno (tuning.md, "Tuning sessions")."""
+
+    #: the tune file the ECU runs (a new file starts a new pool of runs)
+    base: str = ""
+
+
 class MqttConfig(_Section):
     """Broker connection and topic root."""
 
@@ -207,6 +214,7 @@ class Settings(BaseSettings):
     grid: GridConfig = GridConfig()
     tuning: TuningConfig = TuningConfig()
     alerts: AlertConfig = AlertConfig()
+    tune: TuneConfig = TuneConfig()
     build: dict[str, Any] | None = None
     conditions: dict[str, Any] | None = None
     dyno: dict[str, Any] | None = None

@@ -54,6 +54,12 @@ class BuildSetRequest(_Request):
     """``build/set``: replace the BuildConfiguration attached to new sessions."""
 
     build: dict[str, Any]
+    #: the base tune file the ECU runs with this build (starts a new tune pool)
+    tune: str | None = Field(None, max_length=4096)
+
+
+class TuneResetRequest(_Request):
+    """``tune/reset``: start a new pool of the current build (after loading a table)."""
 
 
 #: The schema of each command's request body.
@@ -62,6 +68,7 @@ REQUEST_SCHEMAS: Final[dict[str, type[_Request]]] = {
     "run/start": RunStartRequest,
     "run/stop": RunStopRequest,
     "build/set": BuildSetRequest,
+    "tune/reset": TuneResetRequest,
 }
 assert set(REQUEST_SCHEMAS) == set(COMMANDS)
 

@@ -21,7 +21,7 @@ from dynoai_daemon.errors import PublishError
 MAX_TOPIC_BYTES: Final = 65535
 
 #: Commands a station answers on ``request/<cmd>`` (contract.md).
-COMMANDS: Final[tuple[str, ...]] = ("run/start", "run/stop", "build/set", "ping")
+COMMANDS: Final[tuple[str, ...]] = ("run/start", "run/stop", "build/set", "ping", "tune/reset")
 
 
 @dataclass(frozen=True, slots=True)

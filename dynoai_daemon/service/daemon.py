@@ -36,6 +36,8 @@ from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.service.arbiter import ChannelArbiter
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
+from dynoai_daemon.service.tunepool import TunePool
+from dynoai_daemon.store import SessionStore
 
 log = structlog.get_logger("dynoai.daemon")
 
@@ -240,6 +242,9 @@ class Daemon:
         self.arbiter = ChannelArbiter(())
         self._since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.store: Any = None
+        self.tune_pool: TunePool = TunePool(
+            self.data_dir, settings.tuning, SessionStore(self.data_dir)
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -259,11 +264,14 @@ class Daemon:
     async def run(self) -> None:
         """Run until :meth:`request_stop`; closes the open run into a session on the way out."""
         from dynoai_daemon.service.sdnotify import SdNotifier, watchdog_task
-        from dynoai_daemon.store import SessionStore
 
         notifier = SdNotifier()
         self.store = SessionStore(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tune_pool = TunePool(self.data_dir, self.settings.tuning, self.store)
+        self.tune_pool.load()
+        self.tune_pool.set_build(self.builder.build_config)
+        self.tune_pool.set_base_tune(self.settings.tune.base or None)
         pub = self._publisher or self._make_publisher()
         self._publisher = pub
         loop = asyncio.get_running_loop()
@@ -285,6 +293,7 @@ class Daemon:
                 else:
                     mqtt_task = None
                 sessions_task = tg.create_task(self._sessions_loop(), name="sessions")
+                await self._publish_tune()
                 await self._recover_orphans()
                 core_task = tg.create_task(self._core_loop(), name="core")
                 drivers = self._build_drivers()
@@ -511,6 +520,8 @@ class Daemon:
             try:
                 session = await loop.run_in_executor(None, self._build_and_store, ev)
                 self._publish_session(session)
+                if self.tune_pool.add(session):
+                    await self._publish_tune()
             except Exception as exc:
                 log.error("session failed", run=ev.run.run_id, error=repr(exc))
             if self._sessions_q.empty():
@@ -549,6 +560,19 @@ class Daemon:
             "pattern_counts": {k: len(v) for k, v in session.patterns.model_dump().items()},
         }
         pub.publish_durable(pub.topic("session/last"), summary, retain=True)  # type: ignore[call-arg]
+
+    async def _publish_tune(self) -> None:
+        """Publish the pooled correction of the current build (retained ``tune/current``)."""
+        pub = self._publisher
+        if pub is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(None, self.tune_pool.payload)
+        except Exception as exc:  # a pooling fault must never stop the sessions loop
+            log.error("tune pool failed", error=repr(exc))
+            return
+        self._publish_retained(pub, "tune/current", body)
 
     async def wait_sessions_idle(self) -> None:
         """Wait until every closed run has become a stored session."""
@@ -778,5 +802,14 @@ class Daemon:
         if cmd == "build/set":
             build = BuildConfiguration.model_validate(body.get("build", body))
             self.builder.build_config = build
-            return {"build": build.model_dump(mode="json")}
+            new_pool = self.tune_pool.set_build(build)
+            if body.get("tune"):
+                new_pool = self.tune_pool.set_base_tune(str(body["tune"])) or new_pool
+            if new_pool:
+                await self._publish_tune()
+            return {"build": build.model_dump(mode="json"), "tune_pool": self.tune_pool.build_id}
+        if cmd == "tune/reset":
+            self.tune_pool.reset("operator")
+            await self._publish_tune()
+            return {"reset": True, "build_id": self.tune_pool.build_id}
         raise ValueError(f"unknown command {cmd}")
