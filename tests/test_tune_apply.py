@@ -251,7 +251,7 @@ def test_shared_table_takes_both_cylinders_and_tps_tables_stay() -> None:
     pooled = pool_sessions([_session("s", _uniform(1.04), _uniform(1.00))], TUNING)
     out = apply_correction(_tune(np.full(SHAPE, 50.0), res=0.01), pooled, TUNING)
     assert np.allclose(out.tune.tables["ve_front"].values, 51.0)
-    assert out.changes[0].name == "ve (both cylinders)"
+    assert out.changes[0].shared and "one table for both cylinders" in out.changes[0].line()
     tps = apply_correction(_tune(np.full(SHAPE, 50.0), unit="%"), pooled, TUNING)
     assert (tps.tune.tables["ve_front"].values == 50.0).all()
     assert "TPS" in tps.changes[0].line() and tps.cells_changed == 0
@@ -336,7 +336,10 @@ def test_cli_apply_pools_the_newest_build(
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "2 of 3 sessions" in text and "2 pooled" in text
-    assert "ve (both cylinders)" in text and "20 of 20 cells changed" in text
+    assert (
+        "ve_front (csv block ve_front, one table for both cylinders)" in text
+        and "20 of 20 cells changed" in text
+    )
     assert f"wrote {out}" in text
     assert np.allclose(load_tune(out).tables["ve_front"].values, 51.5)
     # explicit sessions, and the base untouched

@@ -60,10 +60,14 @@ class TableChange:
     skipped: dict[str, int] = field(default_factory=dict)
     note: str = ""
     max_retard_deg: float | None = None
+    shared: bool = False  # one table for both cylinders
 
     def line(self) -> str:
         """One summary line for the terminal."""
-        head = f"{self.name} ({self.source})" if self.source else self.name
+        what = [self.source] if self.source else []
+        if self.shared:
+            what.append("one table for both cylinders")
+        head = f"{self.name} ({', '.join(what)})" if what else self.name
         if self.note:
             return f"{head}: {self.note}"
         if self.max_retard_deg is not None or self.name.startswith("spark"):
@@ -395,7 +399,7 @@ def apply_correction(
             continue
         done.add(real)
         shared = tune.is_shared(name)
-        label = "ve (both cylinders)" if shared and name.startswith("ve_front") else name
+        label = real
         if t.load_unit == "%":
             changes.append(
                 TableChange(
@@ -417,6 +421,7 @@ def apply_correction(
             smooth=smooth,
         )
         ch.name = label
+        ch.shared = tune.is_shared(name)
         out.replace(name, new)
         changes.append(ch)
     retards = _retards(sessions)
@@ -433,7 +438,7 @@ def apply_correction(
             merged = dict(retards["front"])
             for k, v in retards["rear"].items():
                 merged[k] = min(merged.get(k, 0.0), v)
-            cells, label = merged, "spark (both cylinders)"
+            cells, label = merged, real
         else:
             cells, label = retards["rear" if name.endswith("rear") else "front"], name
         if t.load_unit == "%":
@@ -450,6 +455,7 @@ def apply_correction(
             t, cells, pooled.rpm_axis, pooled.map_axis, max_retard_deg=max_retard_deg
         )
         ch.name = label
+        ch.shared = tune.is_shared(name)
         out.replace(name, new)
         changes.append(ch)
     return ApplyResult(tune=out, changes=changes, target=target_note, pooled=pooled)
