@@ -47,14 +47,13 @@ def _element(text: str, tag: str, path: str) -> tuple[dict[str, str], int, int]:
 
 
 def _tokens(text: str, start: int, end: int, what: str, path: str) -> list[tuple[str, Slot]]:
-    return [
+    out = [
         (m.group(0), Slot(start + m.start(), start + m.end()))
         for m in _NUMBER.finditer(text, start, end)
-    ] or _empty(what, path)
-
-
-def _empty(what: str, path: str) -> list[tuple[str, Slot]]:
-    raise TuneFormatError(f"<{what}> holds no numbers", path)
+    ]
+    if not out:
+        raise TuneFormatError(f"<{what}> holds no numbers", path)
+    return out
 
 
 def read(data: bytes, path: str) -> TuneTables:
