@@ -48,7 +48,7 @@ def _element(text: str, tag: str, path: str) -> tuple[dict[str, str], int, int]:
 
 def _tokens(text: str, start: int, end: int, what: str, path: str) -> list[tuple[str, Slot]]:
     out = [
-        (m.group(0), Slot(start + m.start(), start + m.end()))
+        (m.group(0), Slot(m.start(), m.end()))  # positions in ``text`` already
         for m in _NUMBER.finditer(text, start, end)
     ]
     if not out:
