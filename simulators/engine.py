@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS
-from simulators.scenario import Scenario
+from simulators.scenario import EcuTable, Scenario
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -62,6 +62,24 @@ def interp2(
         + table[i + 1, j + 1] * fx * fy
     )
     return out
+
+
+def resample(table: EcuTable, rpm_axis: FloatArray, map_axis: FloatArray) -> FloatArray:
+    """A loaded ECU table on the engine grid: bilinear at each grid breakpoint, clamped at
+    the table's edges (exact when the table is on the grid's own axes)."""
+    ra = np.asarray(table.rpm_axis, dtype=np.float64)
+    ma = np.asarray(table.map_axis, dtype=np.float64)
+    vals = np.asarray(table.values, dtype=np.float64)
+    # Repeated breakpoints (padded Delphi axes) carry no information: keep the first.
+    keep_r = np.concatenate(([True], np.diff(ra) > 1e-9))
+    keep_m = np.concatenate(([True], np.diff(ma) > 1e-9))
+    ra, ma, vals = ra[keep_r], ma[keep_m], vals[np.ix_(keep_r, keep_m)]
+    if ra.size == 1:
+        ra, vals = np.array([ra[0], ra[0] + 1.0]), np.vstack([vals, vals])
+    if ma.size == 1:
+        ma, vals = np.array([ma[0], ma[0] + 1.0]), np.hstack([vals, vals])
+    rpm, kpa = np.meshgrid(rpm_axis, map_axis, indexing="ij")
+    return interp2(vals, ra, ma, rpm, kpa)
 
 
 class ScalarLookup:
@@ -269,6 +287,12 @@ class EngineModel:
             err_r = err_r + rb.rear_pct * w
         ve_ecu_f = np.round(base * (1.0 + np.clip(err_f, -12, 12) / 100.0), 1)
         ve_ecu_r = np.round(base * (1.0 + np.clip(err_r, -12, 12) / 100.0), 1)
+        # A loaded tune replaces the generated ECU tables (the error field above is still
+        # drawn, so the rest of the scenario stays the same for the same seed).
+        if ecu.ve_table_front is not None:
+            ve_ecu_f = resample(ecu.ve_table_front, ra, ma)
+        if ecu.ve_table_rear is not None:
+            ve_ecu_r = resample(ecu.ve_table_rear, ra, ma)
         target = np.broadcast_to(target_afr(ma, ecu.target_table), rpm.shape).copy()
         # Spark: MBT falls with load; the knock-limited spark falls with load, lower
         # octane, higher compression, hotter air and hotter heads, and rises with rpm.
@@ -284,6 +308,8 @@ class EngineModel:
         # Idle and just off idle run retarded for stability.
         spark = np.minimum(spark, 12.0 + 10.0 * np.clip((rpm - 750.0) / 750.0, 0.0, 3.0))
         spark = np.round(spark, 1).astype(np.float64)
+        if ecu.spark_table is not None:
+            spark = resample(ecu.spark_table, ra, ma)
         kls = self.knock_limit_base(rpm, m, sc.fuel_octane)
         kls_f = kls
         kls_r = kls - REAR_KNOCK_OFFSET_DEG - 0.03 * REAR_HEAD_OFFSET_F

@@ -145,6 +145,23 @@ class RegionBias(_Model):
         return v
 
 
+class EcuTable(_Model):
+    """A table the simulated ECU runs instead of its generated one (``--ecu-tune``):
+    ``values[rpm][load]`` on its own axes (MAP in kPa), resampled onto the engine grid."""
+
+    rpm_axis: tuple[float, ...] = Field(min_length=1)
+    map_axis: tuple[float, ...] = Field(min_length=1)
+    values: tuple[tuple[float, ...], ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> EcuTable:
+        if len(self.values) != len(self.rpm_axis) or any(
+            len(r) != len(self.map_axis) for r in self.values
+        ):
+            raise ValueError("values must be [rpm][map] matching the axes")
+        return self
+
+
 class EcuSpec(_Model):
     """How wrong the ECU is. A positive percent means the ECU's VE is too high (rich)."""
 
@@ -160,6 +177,10 @@ class EcuSpec(_Model):
     knock_retard_max_deg: float = Field(8.0, gt=0, le=20)
     knock_recover_deg_s: float = Field(6.0, gt=0, le=100)
     knock_hold_s: float = Field(0.3, ge=0, le=10)
+    #: tables loaded from a tune file: the ECU fuels (and fires) from these instead
+    ve_table_front: EcuTable | None = None
+    ve_table_rear: EcuTable | None = None
+    spark_table: EcuTable | None = None
 
 
 class SensorSpec(_Model):

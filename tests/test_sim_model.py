@@ -19,7 +19,14 @@ from simulators.scenario import Scenario, list_scenarios, load_scenario, parse_s
 from simulators.sensors import transport_delay_s
 from simulators.truth import export_truth, write_truth
 
-BUILTIN = ["heat_soak", "high_overlap_true_dual", "hot_day_knock", "stage2_moderate", "stock"]
+BUILTIN = [
+    "heat_soak",
+    "high_overlap_true_dual",
+    "hot_day_knock",
+    "rear_lean",
+    "stage2_moderate",
+    "stock",
+]
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,87 @@ def add_parser(sub: Any) -> None:
         help="how the widebands talk: Innovate MTS on a pty (default), AEMnet on CAN, "
         "or two AEM serial gauges on ptys",
     )
+    p.add_argument(
+        "--ecu-tune",
+        metavar="TUNE",
+        help="load the VE (and spark) tables of a tune file into the simulated ECU",
+    )
+    p.add_argument(
+        "--export-ecu-tune",
+        metavar="OUT",
+        help="write the simulated ECU's VE and spark tables (format by extension) and exit",
+    )
     p.set_defaults(handler=run)
+
+
+def _load_ecu_tune(scenario: Any, path: str) -> tuple[Any, str]:
+    """The scenario with a tune file's tables in its ECU, and a line saying what loaded."""
+    import numpy as np
+
+    from dynoai_daemon.tune import TuneFormatError, load_tune
+    from simulators.scenario import EcuTable
+
+    tune = load_tune(path)
+    update: dict[str, Any] = {}
+    loaded: list[str] = []
+    for name, key in (
+        ("ve_front", "ve_table_front"),
+        ("ve_rear", "ve_table_rear"),
+        ("spark_front", "spark_table"),
+    ):
+        t = tune.get(name)
+        if t is None:
+            continue
+        if t.load_unit != "kPa":
+            raise TuneFormatError(
+                f"{name} is on a TPS axis; the simulated ECU runs speed density (kPa)", path
+            )
+        values = t.values
+        if name == "spark_front":
+            rear = tune.get("spark_rear")
+            if rear is not None and rear is not t and rear.shape == t.shape:
+                values = np.minimum(values, rear.values)  # one spark table: the safer one
+        update[key] = EcuTable(
+            rpm_axis=tuple(float(v) for v in t.rpm_axis),
+            map_axis=tuple(float(v) for v in t.load_axis),
+            values=tuple(tuple(float(v) for v in row) for row in values),
+        )
+        loaded.append(name)
+    ecu = scenario.ecu.model_copy(update=update)
+    return scenario.model_copy(update={"ecu": ecu}), (
+        f"ECU tables from {path}: {', '.join(loaded)}"
+    )
+
+
+def _export_ecu_tune(scenario: Any, seed: int | None, out: str) -> str:
+    """Write the simulated ECU's tables; return the line to print."""
+    from dynoai_daemon.tune import TuneTables, save_tune
+    from dynoai_daemon.tune.model import TuneTable
+    from simulators.dyno import Simulation
+
+    tab = Simulation(scenario, seed=seed).engine.tables
+    tables = {
+        name: TuneTable(
+            name=name,
+            rpm_axis=tab.rpm_axis,
+            load_axis=tab.map_axis,
+            load_unit="kPa",
+            values=values,
+            resolution=0.1,
+            source="simulated ECU",
+        )
+        for name, values in (
+            ("ve_front", tab.ve_ecu_front),
+            ("ve_rear", tab.ve_ecu_rear),
+            ("spark_front", tab.spark),
+        )
+    }
+    tune = TuneTables(format="new", tables=tables, aliases={"spark_rear": "spark_front"}, path=out)
+    path = save_tune(tune, out)
+    return (
+        f"wrote {path}: the simulated ECU's ve_front, ve_rear and spark tables of scenario "
+        f"{scenario.name} ({tab.rpm_axis.size} rpm x {tab.map_axis.size} kPa)"
+    )
 
 
 class Console:
@@ -131,6 +211,12 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.logs_setup import configure_logging
 
     scenario = load_scenario(args.scenario)
+    if getattr(args, "ecu_tune", None):
+        scenario, loaded = _load_ecu_tune(scenario, args.ecu_tune)
+        print(loaded, flush=True)
+    if getattr(args, "export_ecu_tune", None):
+        print(_export_ecu_tune(scenario, args.seed, args.export_ecu_tune), flush=True)
+        return 0
     data_dir = args.data_dir
     if data_dir is None and args.config is None:
         data_dir = str(Path.cwd() / DEFAULT_DATA_DIR)
