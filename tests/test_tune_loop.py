@@ -57,11 +57,6 @@ def _median_abs(a: np.ndarray) -> float:
     return float(np.median(np.abs(a))) if a.size else float("nan")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the core to fill CylinderGrid.ratio_mean/ratio_std/weight_sq (lead's half "
-    "of issue 12); until then tune apply finds no session it can pool",
-)
 @pytest.mark.parametrize(
     ("scenario", "fmt", "lean"),
     [("stage2_moderate", "msq", ("front", "rear")), ("rear_lean", "pvv", ("rear",))],

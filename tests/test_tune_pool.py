@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import pytest
 
-from dynoai_daemon.config import Settings, TuningConfig
+from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS, Settings, TuningConfig
 from dynoai_daemon.core import Core
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.service.tunepool import TunePool, build_key
 from dynoai_daemon.store import SessionStore
+from dynoai_daemon.tune import save_tune
+from dynoai_daemon.tune.model import TuneTable, TuneTables
 from tests.mosquitto import Subscriber
 from tests.test_core import _FRAME, closed, feed_all
 from tests.test_daemon import Cell, messages_until, pull, running
@@ -133,3 +136,36 @@ async def test_tune_current_over_mqtt(running: dict[str, Any]) -> None:
         await c.publish(f"dynoai/{st}/request/build/set", json.dumps(other).encode(), qos=1)
         changed = await _tune_current(sub, st, lambda b: b["reason"] == "build changed")
         assert changed["runs"] == 0 and changed["build_id"] != first["build_id"]
+
+
+def test_sessions_record_base_and_corrected_tables_on_the_tunes_axes(tmp_path: Path) -> None:
+    # A base tune on the default grid, padded at the top the way Delphi tables are: the
+    # session records it once per breakpoint, and the corrected table moves where the
+    # pooled correction is sound.
+    rpm = np.array([*DEFAULT_RPM_AXIS, DEFAULT_RPM_AXIS[-1]], dtype=float)
+    kpa = np.array(DEFAULT_MAP_AXIS, dtype=float)
+    table = TuneTable("ve_front", rpm, kpa, "kPa", np.full((rpm.size, kpa.size), 60.0), 0.1)
+    base = tmp_path / "base.csv"
+    save_tune(
+        TuneTables(format="csv", tables={"ve_front": table}, aliases={"ve_rear": "ve_front"}), base
+    )
+    settings = Settings(data_dir=tmp_path, tune={"base": str(base)})
+    store = SessionStore(tmp_path)
+    pool = TunePool(tmp_path, settings.tuning, store)
+    pool.set_build(BUILD)
+    pool.set_base_tune(str(base))
+    s = sessions(1, settings)[0]
+    assert pool.attach_tables(s)
+    assert s.table_rpm_axis == list(DEFAULT_RPM_AXIS) and s.table_map_axis == list(DEFAULT_MAP_AXIS)
+    init = np.array(s.initial_ve_table_front)
+    final = np.array(s.final_ve_table_front)
+    assert init.shape == (len(DEFAULT_RPM_AXIS), len(DEFAULT_MAP_AXIS)) and (init == 60.0).all()
+    changed = final != init
+    assert changed.any() and (np.abs(final / init - 1) <= 0.10 + 1e-9).all()
+    assert TuningSession.model_validate_json(s.model_dump_json()) == s
+    # An unreadable base: no tables, no crash.
+    bad = tmp_path / "bad.msq"
+    bad.write_text("not xml")
+    pool.set_base_tune(str(bad))
+    s2 = sessions(1, settings)[0]
+    assert not pool.attach_tables(s2) and s2.initial_ve_table_front is None

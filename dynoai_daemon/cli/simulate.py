@@ -230,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
     if settings.build is None:
         overrides_build = scenario.build.to_build_config()
         settings = settings.model_copy(update={"build": overrides_build})
+    if getattr(args, "ecu_tune", None):
+        # The ECU runs the loaded tune: it is the base the sessions' tables refer to.
+        tune = settings.tune.model_copy(update={"base": str(Path(args.ecu_tune).resolve())})
+        settings = settings.model_copy(update={"tune": tune})
     # The console shows alerts and summaries; the daemon's own log only for problems.
     configure_logging("warning", station=settings.station)
     return asyncio.run(_simulate(args, settings, scenario))

@@ -61,7 +61,7 @@ class CylinderPool:
 def _limits(tuning: TuningConfig) -> tuple[float, float, float]:
     return (
         float(tuning.min_weight),
-        float(getattr(tuning, "max_ci_pct", 1.0)),
+        float(tuning.max_ci_pct),
         float(tuning.max_correction_pct),
     )
 

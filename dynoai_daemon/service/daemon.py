@@ -529,6 +529,7 @@ class Daemon:
 
     def _build_and_store(self, ev: RunClosed) -> TuningSession:
         session = self.builder.build(ev.run)
+        self.tune_pool.attach_tables(session)
         self.store.save_session(session)
         self.store.append_to_dataset(session)
         return session

@@ -9,6 +9,12 @@ same base table, are pooled into a cumulative correction (the math is
 same pool from the stored sessions. The correction is published retained on
 ``dynoai/<S>/tune/current``.
 
+When the base tune is known, each new session records the base VE tables
+(``initial_ve_table_*``) and the tables corrected by the pool including that session
+(``final_ve_table_*``), on the tune's own axes (``table_rpm_axis`` / ``table_map_axis``;
+MAP-based tables only: an alpha-N table has no MAP axis, and breakpoints a tune pads with
+repeats are recorded once).
+
 The pooling itself is CPU work over every pooled session: callers run :meth:`payload`
 in an executor. Sessions are cached in memory while they are in the pool (a pool is a
 build's pulls: tens of sessions, not thousands).
@@ -32,6 +38,9 @@ from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.cells import to_nested
 from dynoai_daemon.patterns.pooled import CylinderPool, has_statistics, pool_sessions
 from dynoai_daemon.store.files import SessionStore, atomic_write_text
+from dynoai_daemon.tune import load_tune
+from dynoai_daemon.tune.apply import apply_correction
+from dynoai_daemon.tune.model import TuneFormatError, TuneTable, TuneTables
 
 log = structlog.get_logger("dynoai.tune")
 
@@ -71,6 +80,7 @@ class TunePool:
         self.reason = "start"
         self._cache: dict[str, TuningSession] = {}
         self._lock = threading.Lock()
+        self._base: tuple[str, TuneTables | None] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -168,6 +178,62 @@ class TunePool:
             self._save()
         return True
 
+    # ------------------------------------------------------------------ tables
+
+    def _base_tables(self) -> TuneTables | None:
+        """The base tune's tables, read once per base file (None when unknown/unreadable)."""
+        if self.base_tune is None:
+            return None
+        if self._base is None or self._base[0] != self.base_tune:
+            try:
+                tables: TuneTables | None = load_tune(self.base_tune)
+            except TuneFormatError as exc:
+                log.warning("base tune unreadable: sessions carry no VE tables",
+                            tune=self.base_tune, error=str(exc))  # fmt: skip
+                tables = None
+            self._base = (self.base_tune, tables)
+        return self._base[1]
+
+    def attach_tables(self, session: TuningSession) -> bool:
+        """Record the base and corrected VE tables on a new session (before storing it).
+
+        The corrected tables are the base corrected by the pool with this session in it.
+
+        Returns:
+            True when tables were recorded.
+        """
+        base = self._base_tables()
+        if base is None or not has_statistics(session):
+            return False
+        front, rear = base.get("ve_front"), base.get("ve_rear")
+        if front is None or front.load_unit != "kPa":
+            return False
+        rear = rear if rear is not None and rear.load_unit == "kPa" else front
+        if front.shape != rear.shape or not (
+            np.array_equal(front.rpm_axis, rear.rpm_axis)
+            and np.array_equal(front.load_axis, rear.load_axis)
+        ):
+            return False
+        with self._lock:
+            sessions, _ = self._sessions()
+        same_build = build_key(session.build_config) == self.build_id
+        pooled = pool_sessions([*sessions, session] if same_build else [session], self.tuning)
+        result = apply_correction(base, pooled, self.tuning)
+        rows, cols = _unique(front.rpm_axis), _unique(front.load_axis)
+
+        def pick(t: TuneTable | None) -> list[list[float]]:
+            vals = (t or front).values[np.ix_(rows, cols)]
+            return [[float(v) for v in row] for row in vals]
+
+        corrected = result.tune
+        session.table_rpm_axis = [float(front.rpm_axis[i]) for i in rows]
+        session.table_map_axis = [float(front.load_axis[j]) for j in cols]
+        session.initial_ve_table_front = pick(front)
+        session.initial_ve_table_rear = pick(rear)
+        session.final_ve_table_front = pick(corrected.get("ve_front"))
+        session.final_ve_table_rear = pick(corrected.get("ve_rear") or corrected.get("ve_front"))
+        return True
+
     # ------------------------------------------------------------------ payload
 
     def _sessions(self) -> tuple[list[TuningSession], list[str]]:
@@ -217,6 +283,11 @@ class TunePool:
         for name in ("front", "rear"):
             body[name] = _cylinder_body(pooled.cylinder(name))
         return body
+
+
+def _unique(axis: np.ndarray[Any, Any]) -> list[int]:
+    """Indexes of an ascending axis' first occurrences (tunes pad with repeats)."""
+    return [i for i in range(len(axis)) if i == 0 or axis[i] > axis[i - 1]]
 
 
 def _cylinder_body(c: CylinderPool) -> dict[str, Any]:
