@@ -1,4 +1,4 @@
-"""Ground truth of a simulated session, in the schema of contract.md (``truth/<name>.json``).
+"""Ground truth of a simulated session, in the schema of docs/contract.md (``truth/<name>.json``).
 
 The simulator knows what a perfect tuner would find: the true/ECU VE ratio of every cell
 per cylinder (heat-soak-free), the cells where the cylinders' true AFRs differ by at least
@@ -36,7 +36,7 @@ from simulators.engine import decel_windows
 
 FloatArray = npt.NDArray[np.float64]
 
-#: Decel enrichment bands of tuning.md.
+#: Decel enrichment bands of docs/tuning.md.
 POP_BANDS: tuple[tuple[float, float], ...] = (
     (1500, 2500),
     (2500, 3500),
@@ -47,7 +47,7 @@ POP_SPIKE_AFR = 15.5
 
 
 class Truth(BaseModel):
-    """The ground truth document (contract.md keys first, then extras)."""
+    """The ground truth document (docs/contract.md keys first, then extras)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -135,7 +135,7 @@ def _bin(sim: Simulation, k: Any, values: FloatArray | None = None) -> FloatArra
 def steady_weights(sim: Simulation) -> FloatArray:
     """Bilinear cell weights of the wideband samples the core may learn from.
 
-    Mirrors tuning.md's gates on the true engine state at each valid wideband sample:
+    Mirrors docs/tuning.md's gates on the true engine state at each valid wideband sample:
     engine warm, |dTPS/dt| <= 50 %/s and |dMAP/dt| <= 40 kPa/s over 200 ms, not a
     closed-throttle decel, and a true AFR within 9..20.
     """

@@ -3,7 +3,7 @@
 Turns the accumulator's sums into what tuners read: mean AFR and target, the VE
 correction (null below the minimum weight, clamped to the maximum correction), the
 spread, knock counts and, when the ECU's VE was logged, the suggested new VE. Also the
-operating regions of tuning.md, defined in RPM and kPa rather than table indexes.
+operating regions of docs/tuning.md, defined in RPM and kPa rather than table indexes.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ NM = 0.737562149
 KW = 1.34102209
 
 
-# --- hand-written wire layouts (protocols.md), independent of the codec ---------------------
+# --- hand-written wire layouts (docs/protocols.md), independent of the codec ---------------------
 
 
 def hdr(key: int, length: int, source: int, seq: int, dest: int = 0xFFFF) -> bytes:
