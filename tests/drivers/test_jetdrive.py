@@ -1,7 +1,9 @@
 """Tests of the JetDrive codec, receiver state machine, UDP driver, provider and pcap decode.
 
-Golden vectors are written out with explicit struct layouts from docs/protocols.md (never
-through the encoder under test); socket tests use real UDP on loopback, multicast when the
+Golden vectors are written out with explicit struct layouts (never through the encoder under
+test): header, ChannelInfo and ChannelValues as in the public client rob9206/DynoAI_3,
+api/services/jetdrive_client.py; Ping/Pong and the logging keys are our reading (see
+docs/protocols.md, "Dynojet JetDrive"); socket tests use real UDP on loopback, multicast when the
 machine delivers it there (it does on Linux with the group joined on 127.0.0.1) and the
 unicast fallback otherwise.
 """
@@ -54,7 +56,7 @@ NM = 0.737562149
 KW = 1.34102209
 
 
-# --- hand-written wire layouts (docs/protocols.md), independent of the codec ---------------------
+# --- hand-written wire layouts (sources above), independent of the codec -------------------------
 
 
 def hdr(key: int, length: int, source: int, seq: int, dest: int = 0xFFFF) -> bytes:
