@@ -22,6 +22,7 @@ from dynoai_daemon.service.daemon import Daemon
 from simulators.cell import VirtualCell, canonical_events, replay_can_log
 from simulators.evaluate import compare_runs, compare_sessions
 from simulators.truth import export_truth, knock_retard_cells
+from tests.simclock import stall_free_clock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +36,9 @@ async def simulate(
     seed: int | None = None,
 ) -> tuple[list[Any], list[Any], dict[str, Any], VirtualCell]:
     """Run one scenario through the daemon; returns sessions, alerts, truth and the cell."""
-    cell = VirtualCell(scenario, speed=speed, pulls=pulls, seed=seed)
+    # The cell's time must measure the work done, not the host's load (tests/simclock.py).
+    clock = stall_free_clock(speed)
+    cell = VirtualCell(scenario, speed=speed, pulls=pulls, seed=seed, clock=clock)
     sessions: list[Any] = []
     alerts: list[Any] = []
     await cell.start()
