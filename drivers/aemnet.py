@@ -6,7 +6,7 @@ detected, bit 5 free-air calibration in use, bit 7 lambda valid), 7 faults (bit 
 fault). The codec emits ``<afr channel>_status`` for every frame (NORMAL, INVALID when the
 valid bit is clear, FAULT when the fault bit is set) and the AFR (lambda x stoich) only
 when the status is NORMAL, so that the core never learns from a cold or failed sensor.
-Default map (contract.md): 0x180 -> ``afr_front``, 0x181 -> ``afr_rear``. Optionally the
+Default map (docs/contract.md): 0x180 -> ``afr_front``, 0x181 -> ``afr_rear``. Optionally the
 AEM 30-2340 four-channel frame (29-bit id 0x1F, lambda 1-4 u16 x0.0001 big-endian) is
 decoded, lambda1 -> ``afr_front`` and lambda2 -> ``afr_rear`` by default; it has no status
 byte, so a lambda of 0 or 0xFFFF (no reading) is reported INVALID (our reading).

@@ -1,4 +1,4 @@
-"""The driver contract every protocol module follows (see design.md, conventions 1-3).
+"""The driver contract every protocol module follows (docs/architecture.md, "Conventions").
 
 A driver is built with keyword-only options and does no I/O in its constructor.
 ``await open()`` acquires the port/bus/socket, ``await close()`` releases it (idempotent),

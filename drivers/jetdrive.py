@@ -2,7 +2,7 @@
 
 :class:`JetDriveReceiver` is the pure heart (no sockets, injectable time): it keeps, per
 provider (source host id), the channel table built from ChannelInfo, binds channels by
-(provider, name, unit) to canonical channels through contract.md's default map (overridable
+(provider, name, unit) to canonical channels through docs/contract.md's default map (overridable
 with ``channel_map``), converts SI units to the project's units, holds back values whose
 channel is not yet known (and asks for ChannelInfo), counts sequence gaps, out-of-order
 packets, truncated datagrams and provider reboots, aligns the provider clock by Ping/Pong,
@@ -61,7 +61,7 @@ from dynoai_daemon.errors import ConfigError, DriverOpenError, DriverOperationEr
 
 log = structlog.get_logger(__name__)
 
-#: contract.md's default JetDrive map, in priority order: when one provider publishes
+#: docs/contract.md's default JetDrive map, in priority order: when one provider publishes
 #: several channels that default to the same canonical channel (say ``Engine RPM`` and
 #: ``RPM``), the earliest entry here wins and the others keep their JetDrive names.
 DEFAULT_CHANNEL_MAP: Final[tuple[tuple[str, str], ...]] = (

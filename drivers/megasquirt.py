@@ -2,7 +2,7 @@
 
 The broadcast (11-bit ids, base 0x5F0 = 1520 + group, big-endian) is described by
 ``drivers/dbc/megasquirt.dbc`` and decoded with :class:`~drivers.dbc_driver.DbcCodec`
-(compiled struct decoders, checked against cantools by the tests). contract.md's default map
+(compiled struct decoders, checked against cantools by the tests). docs/contract.md's default map
 turns ECU signals into canonical channels: rpm, map -> ``map_kpa``, tps -> ``tps_pct``, mat
 -> ``iat_f``, clt -> ``ect_f`` (MS sends degF x10), afr1/afr2 -> ``afr_front``/``afr_rear``,
 afrtgt1 -> ``afr_target``, knock retard (group 52) -> ``knock_front_deg`` (option
@@ -53,7 +53,7 @@ def database() -> Database:
 
 
 def default_routes(knock_cylinder: str = "front") -> dict[str, list[Route]]:
-    """Return contract.md's default routes with knock retard on the chosen cylinder(s).
+    """Return docs/contract.md's default routes with knock retard on the chosen cylinder(s).
 
     Raises:
         ConfigError: ``knock_cylinder`` is not front, rear or both.

@@ -8,7 +8,7 @@ by tests). The codec emits ``<afr channel>_status`` (NORMAL or INVALID) on every
 frame and the AFR (lambda x stoich) only when valid, plus ``<prefix>_wbo<N>_temp_c``;
 diagnostics become ``<prefix>_wbo<N>_esr_ohm``, ``_nernst_v``, ``_pump_duty_pct``,
 ``_fault`` and ``_heater_duty_pct``, where the prefix is the source name. Default map
-(contract.md): index 0 -> ``afr_front``, 1 -> ``afr_rear``.
+(docs/contract.md): index 0 -> ``afr_front``, 1 -> ``afr_rear``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ message is time-stamped with the driver clock when its last byte arrives. A read
 or hang-up (USB adapter unplugged, pty master closed) raises
 :class:`~dynoai_daemon.errors.DriverOperationError`, so the :class:`~drivers.base.Driver`
 reconnect loop reopens the port with capped backoff once it is back. pyserial-asyncio-fast
-is deliberately not used (its write path can spin a CPU, see design.md). The same decoder
+is deliberately not used (its write path can spin a CPU, see docs/architecture.md). The same decoder
 serves ``dynoai decode`` through :meth:`SerialDriver.decode_capture`, which times a raw
 capture by the protocol's nominal message period. :class:`LineSplitter` frames the ASCII
 line protocols (AEM gauge, CSV controllers).

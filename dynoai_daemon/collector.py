@@ -8,7 +8,7 @@ from the run's cells when the run closes (``session.patterns``). For a session t
 neither a grid nor patterns but carries initial and final VE tables (a hand-entered or
 imported session), the **table-only fallback** derives a VEScalingPattern from the
 final/initial VE ratio of every table cell, averaged over the operating regions of
-tuning.md (pooled over both cylinders); it is marked ``source="tables"`` and is weaker
+docs/tuning.md (pooled over both cylinders); it is marked ``source="tables"`` and is weaker
 than the cell-based pattern because untouched cells count as "no change" and nothing says
 which cells were actually verified on the dyno. Extraction is idempotent: a session's
 patterns are added once (keyed by session id), whatever the number of calls.

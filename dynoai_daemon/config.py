@@ -66,7 +66,7 @@ class GridConfig(_Section):
 
 
 class TuningConfig(_Section):
-    """Learning gates, transport delay, VE correction and run detection (see tuning.md)."""
+    """Learning gates, transport delay, VE correction and run detection (see docs/tuning.md)."""
 
     stoich_afr: float = Field(14.7, gt=5, lt=20)
     stale_ms: float = Field(250.0, gt=0, le=10_000)
@@ -121,7 +121,7 @@ class TuningConfig(_Section):
 
 
 class AlertConfig(_Section):
-    """Live alert limits (see tuning.md, Live alerts)."""
+    """Live alert limits (see docs/tuning.md, Live alerts)."""
 
     lean_limit_afr: float = Field(13.8, gt=9, lt=20)
     lean_map_kpa: float = Field(80.0, gt=0)

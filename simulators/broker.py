@@ -3,7 +3,7 @@
 :func:`find_or_start_broker` first tries the configured broker (a TCP connect to its host
 and port); if nothing answers it starts ``mosquitto`` on a free 127.0.0.1 port with a
 temporary config (one loopback listener, anonymous, no persistence); without mosquitto it
-starts ``amqtt`` (a pure-Python broker; limited per design.md, enough for a demo) in a
+starts ``amqtt`` (a pure-Python broker; limited per docs/architecture.md, enough for a demo) in a
 separate process bound to 127.0.0.1 if it is importable; otherwise it reports that the
 simulation runs without MQTT. :meth:`BrokerHandle.stop` ends only what it started.
 """

@@ -48,7 +48,7 @@ from simulators.sensors import SimEvent
 STOICH = 14.7
 NM_PER_FTLB = 1.3558179483314004
 KW_PER_HP = 0.7456998715822702
-#: JetDrive unit codes (protocols.md): rpm, N*m, kW.
+#: JetDrive unit codes (docs/protocols.md): rpm, N*m, kW.
 UNIT_RPM, UNIT_NM, UNIT_KW = 8, 5, 4
 DYNO_CHANNELS: tuple[tuple[str, int], ...] = (
     ("Engine RPM", UNIT_RPM),
@@ -75,7 +75,7 @@ WIDEBANDS = ("mts", "aem", "aem_serial")
 #: The AEM serial gauges: daemon source name -> the AFR channel it feeds.
 AEM_SERIAL_SOURCES: dict[str, str] = {"wb_front": "afr_front", "wb_rear": "afr_rear"}
 #: Decimals an AEM gauge line carries per display mode ("14.7", "1.00"). *Unverified* for
-#: lambda: protocols.md only shows an AFR line; 2 decimals is what the gauge displays.
+#: lambda: docs/protocols.md only shows an AFR line; 2 decimals is what the gauge displays.
 AEM_DECIMALS: dict[str, int] = {"afr": 1, "lambda": 2}
 _counter = itertools.count()
 
@@ -494,7 +494,7 @@ class VirtualCell:
             status = int(v.get(f"{ch}_status", 0.0))
             afr = v.get(ch)
             if status != 0 or afr is None or not math.isfinite(afr) or afr <= 0:
-                # No status field on the gauge's serial line (protocols.md): a sensor that
+                # No status field on the gauge's serial line (docs/protocols.md): a sensor that
                 # is not ready sends no reading, never a made-up one.
                 self.stats.aem_not_ready += 1
                 continue

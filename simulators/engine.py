@@ -478,7 +478,7 @@ class DecelWindow:
 
 
 def decel_windows(tps: FloatArray, rpm: FloatArray) -> list[DecelWindow]:
-    """Find decels as tuning.md defines them: TPS falls to <= 3 % from >= 10 % with RPM
+    """Find decels as docs/tuning.md defines them: TPS falls to <= 3 % from >= 10 % with RPM
     >= 1500, lasting until TPS reopens above 3 % or RPM drops below 1200."""
     out: list[DecelWindow] = []
     n = int(tps.shape[0])

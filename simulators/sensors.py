@@ -2,7 +2,7 @@
 
 Each source samples the physics trace at its own rate and phase and reports what the
 real device would: the widebands (MTS, 81.92 ms) see each cylinder's exhaust after the
-transport delay of tuning.md (``base + k / krpm``, switchable to zero), through a
+transport delay of docs/tuning.md (``base + k / krpm``, switchable to zero), through a
 first-order sensor lag, with gaussian noise, quantised to MTS lambda steps of 0.001,
 and report ``WARMING_UP`` without an AFR until their heater is up; the ECU (50 Hz)
 reports rpm, MAP, TPS, temperatures, its AFR target, spark, knock retard and VE per

@@ -1,4 +1,4 @@
-"""Ground truth of a simulated session, in the schema of contract.md (``truth/<name>.json``).
+"""Ground truth of a simulated session, in the schema of docs/contract.md (``truth/<name>.json``).
 
 The simulator knows what a perfect tuner would find: the true/ECU VE ratio of every cell
 per cylinder (heat-soak-free), the cells visited by clean wideband samples (the exhaust
@@ -38,7 +38,7 @@ from simulators.dyno import Simulation
 
 FloatArray = npt.NDArray[np.float64]
 
-#: Decel enrichment bands of tuning.md.
+#: Decel enrichment bands of docs/tuning.md.
 POP_BANDS: tuple[tuple[float, float], ...] = (
     (1500, 2500),
     (2500, 3500),
@@ -49,7 +49,7 @@ POP_SPIKE_AFR = 15.5
 
 
 class Truth(BaseModel):
-    """The ground truth document (contract.md keys first, then extras)."""
+    """The ground truth document (docs/contract.md keys first, then extras)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

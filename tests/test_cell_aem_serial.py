@@ -23,6 +23,7 @@ from simulators.cell import AEM_SERIAL_SOURCES, VirtualCell
 from simulators.evaluate import compare_sessions
 from simulators.sensors import SimEvent
 from simulators.truth import export_truth
+from tests.simclock import stall_free_clock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +37,14 @@ async def simulate_aem(
     pulls: int | None = None,
 ) -> tuple[list[Any], dict[str, Any], VirtualCell, dict[str, Any]]:
     """Run one scenario with AEM serial widebands; returns sessions, truth, cell, drivers."""
-    cell = VirtualCell(scenario, speed=speed, pulls=pulls, wideband="aem_serial", aem_mode=aem_mode)
+    cell = VirtualCell(
+        scenario,
+        speed=speed,
+        pulls=pulls,
+        wideband="aem_serial",
+        aem_mode=aem_mode,
+        clock=stall_free_clock(speed),  # simulated time without the host's stalls
+    )
     sessions: list[Any] = []
     await cell.start()
     try:
@@ -50,11 +58,12 @@ async def simulate_aem(
             await cell.wait_sources_online()
             await cell.run_until_done()
             # Let the gauges' last lines reach the drivers before stopping.
+            # Bounded by a generous deadline, not by a count of short sleeps, so a loaded
+            # host only makes this wait longer.
             gauges = [drivers[src] for src in AEM_SERIAL_SOURCES]
-            for _ in range(100):
-                if sum(d.stats.samples for d in gauges) >= cell.stats.aem_lines:
-                    break
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):
+                while sum(d.stats.samples for d in gauges) < cell.stats.aem_lines:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
         finally:
             daemon.request_stop()
             await task

@@ -3,7 +3,7 @@
 ``Core.feed(frame)`` takes any number of rows. For each batch it forward-fills the
 engine channels (with staleness), detects run boundaries and decel events, matches each
 wideband reading to the engine state one transport delay earlier, applies the learning
-gates of tuning.md, and merges what passes into the open run's per-cell, per-cylinder
+gates of docs/tuning.md, and merges what passes into the open run's per-cell, per-cylinder
 statistics. Knock and heat-soak statistics use their own gates. The core is synchronous,
 pure numpy and does no I/O; feeding a log row by row or all at once gives the same result.
 """
@@ -58,7 +58,7 @@ _TRACKED = (
 
 
 def transport_delay_s(rpm: FloatArray, tuning: TuningConfig) -> FloatArray:
-    """Return the wideband transport delay in seconds for each RPM (tuning.md).
+    """Return the wideband transport delay in seconds for each RPM (docs/tuning.md).
 
     ``delay = base_ms + k_ms_krpm / (rpm / 1000)``, capped at ``delay_max_ms``; zero when
     both constants are zero. Non-positive or missing RPM gives the cap.

@@ -1,6 +1,6 @@
 """The project's own log format, canonical CSV: its reader and its streaming writer.
 
-Format (contract.md): a header row of channel names with ``time_s`` first, then one row
+Format (docs/contract.md): a header row of channel names with ``time_s`` first, then one row
 per sample time of plain numbers; an empty field is a missing value (NaN in a Frame).
 Columns other than the canonical channels (``afr_front_status``...) are kept as they are.
 

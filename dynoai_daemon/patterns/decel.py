@@ -1,4 +1,4 @@
-"""Decel popping pattern from the run's closed-throttle decel events (tuning.md).
+"""Decel popping pattern from the run's closed-throttle decel events (docs/tuning.md).
 
 An event pops when its coast window (after the snap, offset by the transport delay) holds
 at least ``MIN_SPIKES`` readings leaner than 15.5 AFR, so one noisy reading is not a pop.

@@ -1,4 +1,4 @@
-"""Heat soak pattern: VE inflation from hot intake air at low load (tuning.md).
+"""Heat soak pattern: VE inflation from hot intake air at low load (docs/tuning.md).
 
 Only samples taken while IAT stayed above the limit at low load for longer than the
 minimum streak count (the core marks them). The inflation of a cell is

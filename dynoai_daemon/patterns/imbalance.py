@@ -1,4 +1,4 @@
-"""Cylinder imbalance pattern: cells where front and rear AFR disagree (tuning.md).
+"""Cylinder imbalance pattern: cells where front and rear AFR disagree (docs/tuning.md).
 
 A cell counts when both cylinders reached the minimum weight and
 ``|afr_front - afr_rear| >= threshold`` (0.5 AFR by default). ``afr_delta`` is

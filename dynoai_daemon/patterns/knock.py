@@ -1,4 +1,4 @@
-"""Knock timing pattern: where each cylinder knocked and what to do about it (tuning.md).
+"""Knock timing pattern: where each cylinder knocked and what to do about it (docs/tuning.md).
 
 Knock cells are cells where a cylinder reported retard > 0, with counts and the largest
 retard. Suggested retard is -2 deg for any knock and -4 deg where knock samples exceed 10 %

@@ -1,7 +1,7 @@
 """Assemble a closed run into a TuningSession with its grid and extracted patterns.
 
 This is where the core's numbers meet the seed's vocabulary: the per-cylinder cell
-results become the session's ``grid`` (contract.md), each pattern module contributes its
+results become the session's ``grid`` (docs/contract.md), each pattern module contributes its
 fields, and the build, conditions and dyno metadata of the station are attached. Peak
 power and torque are reported observed and corrected (SAE J1349 / STD / DIN from the
 conditions). A value without data is None, never 0.

@@ -1,4 +1,4 @@
-"""VE scaling pattern: region means of the per-cell VE correction (tuning.md).
+"""VE scaling pattern: region means of the per-cell VE correction (docs/tuning.md).
 
 The regions are fixed operating areas in RPM and kPa (idle, cruise, midrange, WOT). A
 region mean pools both cylinders' qualifying cells; a region without any qualifying cell

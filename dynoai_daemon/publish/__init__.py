@@ -1,6 +1,6 @@
 """Publishing: topic names and payload encoding, the durable outbox, MQTT and commands.
 
-``topics`` builds every topic of contract.md and holds their retain/QoS table; ``outbox``
+``topics`` builds every topic of docs/contract.md and holds their retain/QoS table; ``outbox``
 keeps alerts and sessions in SQLite until the broker acknowledged them; ``mqtt`` is the
 reconnecting publisher that drains it; ``commands`` validates and answers requests. The
 MQTT module imports aiomqtt, so it is not imported here: import

@@ -10,7 +10,7 @@ persistence), subscribes to the request topics and runs, in one TaskGroup:
 
 - ``reader``: iterates ``client.messages``. A client that only publishes notices a dead
   broker only when a publish times out; the reader wakes as soon as paho sees the socket
-  close, and its error tears the whole group down (design.md).
+  close, and its error tears the whole group down (docs/architecture.md).
 - ``outbox``: publishes outbox messages oldest first at QoS 1, waits for each PUBACK
   (aiomqtt's ``publish`` returns after it), then deletes the message. A message whose
   PUBACK was lost is sent again after the reconnect: at-least-once, in order of first

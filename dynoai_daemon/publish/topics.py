@@ -1,4 +1,4 @@
-"""MQTT topic names, their retain/QoS table, and the JSON payload encoding (contract.md).
+"""MQTT topic names, their retain/QoS table, and the JSON payload encoding (docs/contract.md).
 
 Every topic the daemon uses is built here from the base topic and the station id, so that
 no other module spells a topic by hand. :data:`TOPIC_TABLE` is the one place where the
@@ -20,7 +20,7 @@ from dynoai_daemon.errors import PublishError
 #: MQTT topic names are at most 65535 bytes of UTF-8 (spec 1.5.3).
 MAX_TOPIC_BYTES: Final = 65535
 
-#: Commands a station answers on ``request/<cmd>`` (contract.md).
+#: Commands a station answers on ``request/<cmd>`` (docs/contract.md).
 COMMANDS: Final[tuple[str, ...]] = ("run/start", "run/stop", "build/set", "ping", "tune/reset")
 
 

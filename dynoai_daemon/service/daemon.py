@@ -1,6 +1,6 @@
 """The daemon: drivers in, the core in the middle, MQTT and files out, nothing lost.
 
-One :class:`Daemon` owns a station. It starts in the order of design.md (config ->
+One :class:`Daemon` owns a station. It starts in the order of docs/architecture.md (config ->
 store -> outbox/MQTT -> core -> drivers) inside an ``asyncio.TaskGroup`` of named tasks
 and stops in reverse. Drivers put sample batches into a bounded hub queue (live data
 drops the oldest batch when full, counted); the core task drains it every ``batch_ms``

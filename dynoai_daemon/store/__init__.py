@@ -1,6 +1,6 @@
 """Storage under the data directory: atomic files, sessions and the training dataset.
 
-See :mod:`dynoai_daemon.store.files`; contract.md fixes the layout
+See :mod:`dynoai_daemon.store.files`; docs/contract.md fixes the layout
 (``sessions/<id>.json``, ``dataset.json``).
 """
 

@@ -1,5 +1,6 @@
-"""AEM UEGO gauge serial codec and driver decoding: golden lines from the protocol text,
-line framing under any chunking, bad lines counted (never fatal), hypothesis fuzz."""
+"""AEM UEGO gauge serial codec and driver decoding: golden lines from AEM's 30-0300 manual
+(doc 10-0300, "Serial (RS-232) Output": the value then CR LF, e.g. "14.7\r\n"), line
+framing under any chunking, bad lines counted (never fatal), hypothesis fuzz."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Innovate MTS codec and driver decoding: golden vectors worked out by hand from
-docs/protocols.md (not from our encoder), framing under any chunking, resync on garbage,
-and a hypothesis fuzz of the stream decoder."""
+"""Innovate MTS codec and driver decoding: golden vectors worked out by hand (not from our
+encoder) from Innovate's OT-2 SDK manual, "Packets in General" / "Data Packets" / "Aux
+Channels" (pp. 13-17, which restate Innovate's Serial Protocol 2), cross-checked with
+ohhorob/arduino-digihead lib/MTS/src/Packet.cpp; framing under any chunking, resync on
+garbage, and a hypothesis fuzz of the stream decoder."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Tests of OBD-II Mode 01: golden frames, the PID scheduler, and the poller against an ECU.
 
-Golden request/reply bytes are written out by hand from docs/protocols.md. The scheduler is
+Golden request/reply bytes are written out by hand from the SAE J1979 Mode 01 PID formulas as
+published in public PID tables (e.g. CSS Electronics' "OBD2 PID table", which also shows the
+7DF request / 7E8 reply frame layout; see docs/protocols.md). The scheduler is
 tested with injected time. The driver polls a real :class:`Obd2Responder` on the other end
 of a python-can ``virtual`` bus (own channel per test); the responder leaves some PIDs
 unanswered (or refuses them) so that the driver must time out and drop them.
