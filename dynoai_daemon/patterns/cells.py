@@ -5,7 +5,7 @@ correction (null unless the cell passes the statistical criterion of
 :mod:`dynoai_daemon.core.criterion`, clamped to the maximum correction, with its 95 %
 interval), the sufficient statistics that let runs be pooled exactly, the spread, knock
 counts and, when the ECU's VE was logged, the suggested new VE. Also the operating regions
-of tuning.md, defined in RPM and kPa rather than table indexes.
+of docs/tuning.md, defined in RPM and kPa rather than table indexes.
 """
 
 from __future__ import annotations
