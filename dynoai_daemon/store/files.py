@@ -116,6 +116,32 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     return atomic_write_text(path, text)
 
 
+def save_dataset(dataset: TrainingDataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``dataset`` (with its summary) to ``path`` atomically.
+
+    Raises:
+        StoreFileError: the file could not be written; the message names the path.
+    """
+    return atomic_write_text(path, dataset.to_json())
+
+
+def load_dataset(path: str | os.PathLike[str]) -> TrainingDataset:
+    """Read a dataset written by :func:`save_dataset`.
+
+    Raises:
+        InputError: missing or unreadable file, not JSON, or invalid content; the
+            message names the path and each bad field.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError("dataset file not found", path=str(p)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read dataset: {exc}", path=str(p)) from exc
+    return TrainingDataset.from_json(text, source=str(p))
+
+
 class SessionStore:
     """Sessions and the training dataset under one data directory.
 
@@ -236,7 +262,7 @@ class SessionStore:
         if cached and self._cached is not None and self._cached[0] == sig:
             return self._cached[1]
         try:
-            ds = TrainingDataset.load(self.dataset_path)
+            ds = load_dataset(self.dataset_path)
         except InputError as exc:
             raise StoreFileError(str(exc.args[0]), path=self.dataset_path) from exc
         self._cached = (sig, ds) if cached else None
