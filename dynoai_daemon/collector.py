@@ -36,6 +36,7 @@ from dynoai_daemon.models import (
     VEScalingPattern,
     format_errors,
 )
+from dynoai_daemon.patterns.cells import REGIONS
 
 #: keys of ``results`` in :meth:`TrainingDataCollector.create_session_from_run`
 RESULT_FIELDS: frozenset[str] = frozenset(
@@ -75,8 +76,6 @@ _REGION_FIELDS: dict[str, str] = {
 
 def _regions() -> dict[str, tuple[float, float, float, float]]:
     # One definition of the regions for the whole project: the pattern code's.
-    from dynoai_daemon.patterns.cells import REGIONS
-
     return dict(REGIONS)
 
 

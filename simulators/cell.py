@@ -41,6 +41,8 @@ from drivers.can_base import frame_to_message
 from drivers.innovate_mts import encode_packet, lambda_item, status_item
 from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import DEFAULT_GROUP, LoggingCommand
+from drivers.registry import create_driver
+from dynoai_daemon.logs.readers import read_log
 from simulators.dyno import Simulation
 from simulators.scenario import Scenario, load_scenario
 from simulators.sensors import SimEvent
@@ -379,8 +381,6 @@ class VirtualCell:
         forwarded to ``on_availability``; assign :attr:`forward_availability` later to
         forward to a daemon built afterwards.
         """
-        from drivers.registry import create_driver
-
         self.forward_availability = on_availability
         built: dict[str, Any] = {}
         for src in self.sources():
@@ -623,8 +623,6 @@ def canonical_events(csv_path: str | os.PathLike[str]) -> list[SimEvent]:
     Raises:
         InputError / LogFormatError: the file is not a readable canonical CSV.
     """
-    from dynoai_daemon.logs.readers import read_log
-
     out: list[SimEvent] = []
     t0: float | None = None
     for frame in read_log(Path(csv_path), format="canonical"):

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynoai_daemon.collector import TrainingDataCollector
 from dynoai_daemon.errors import InputError, StoreError
 from dynoai_daemon.models import SESSION_ID_PATTERN, TrainingDataset, TuningSession, format_errors
 
@@ -290,8 +291,6 @@ class SessionStore:
         Same rules as :meth:`append_to_dataset`; rewriting the file once instead of once
         per session keeps a long replay linear in its number of runs.
         """
-        from dynoai_daemon.collector import TrainingDataCollector
-
         with self._dataset_lock():
             dataset = self._read_dataset(cached=True)
             self._cached = None
@@ -320,8 +319,6 @@ class SessionStore:
             StoreFileError: the existing dataset is invalid, or the write failed (the old
                 file is then intact).
         """
-        from dynoai_daemon.collector import TrainingDataCollector
-
         with self._dataset_lock():
             # The cached dataset is mutated in place; it is kept only if the write succeeds,
             # else the next append re-reads the file that is still on disk.
