@@ -19,11 +19,12 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
 from dynoai_daemon.channels import Sample
-from dynoai_daemon.errors import DriverError, DriverOperationError
+from dynoai_daemon.errors import DriverError, DriverOperationError, InputError
 
 AvailabilityCallback = Callable[[str, bool, str], None]
 """Called as ``cb(source_name, online, reason)`` when a source comes or goes."""
@@ -166,6 +167,20 @@ class Driver(abc.ABC):
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    @classmethod
+    def decode_capture(
+        cls, capture: str | Path, /, **options: Any
+    ) -> tuple[list[Sample], DriverStats]:
+        """Decode a recorded capture offline with this driver's codec (``dynoai decode``).
+
+        The serial, CAN and JetDrive bases override it; a driver without a capture format
+        keeps this one.
+
+        Raises:
+            InputError: always, naming the driver.
+        """
+        raise InputError(f"driver {cls.name!r} cannot decode captures")
 
     def map_channel(self, name: str) -> str:
         """Return the channel name for protocol name ``name`` after the user's overrides."""

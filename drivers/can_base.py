@@ -633,7 +633,9 @@ class CanDriver(Driver):
     # --- offline ---------------------------------------------------------------------------
 
     @classmethod
-    def decode_capture(cls, path: str | Path, **options: Any) -> tuple[list[Sample], DriverStats]:
+    def decode_capture(
+        cls, path: str | Path, /, **options: Any
+    ) -> tuple[list[Sample], DriverStats]:
         """Decode a python-can log file (candump ``.log``, ``.asc``, ``.blf``, ``.trc``, ...).
 
         Each sample's ``t`` and ``device_t`` are the log's timestamp of its frame.

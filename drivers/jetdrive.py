@@ -810,7 +810,9 @@ class JetDriveDriver(Driver):
     # --- offline --------------------------------------------------------------------------
 
     @classmethod
-    def decode_capture(cls, path: str | Path, **options: Any) -> tuple[list[Sample], DriverStats]:
+    def decode_capture(
+        cls, path: str | Path, /, **options: Any
+    ) -> tuple[list[Sample], DriverStats]:
         """Decode the JetDrive datagrams of a classic pcap file.
 
         Only UDP datagrams to or from ``port`` (default 22344; 0 = any port) are decoded.

@@ -633,7 +633,7 @@ def canonical_events(csv_path: str | os.PathLike[str]) -> list[SimEvent]:
         for r in range(len(ts)):
             t = float(ts[r]) - (t0 or 0.0)
             row = {k: float(c[r]) for k, c in cols.items() if not np.isnan(c[r])}
-            wb = {k: row[k] for k in ("afr_front", "afr_rear") if k in row}
+            wb: dict[str, float] = {k: row[k] for k in ("afr_front", "afr_rear") if k in row}
             if wb:
                 for k in list(wb):
                     wb[f"{k}_status"] = 0.0
