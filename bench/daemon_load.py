@@ -77,8 +77,8 @@ from bench.alert_latency import (
 from drivers import aemnet, megasquirt
 from drivers.can_base import CanFrame, frame_to_message
 from drivers.innovate_mts import NOMINAL_PERIOD_S, encode_packet, lambda_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import Unit
+from simulators.jetdrive_provider import JetDriveProvider
 from tests.mosquitto import MosquittoBroker
 
 TARGET_CPU_PCT = 10.0
@@ -363,6 +363,7 @@ SUBSYSTEMS: tuple[tuple[str, str], ...] = (
     ("_BusReader._on_readable ", "CAN receive (python-can udp_multicast + decode)"),
     ("serial_base.py", "serial (MTS)"),
     ("jetdrive.py", "JetDrive"),
+    ("jetdrive_receiver.py", "JetDrive"),
     ("Driver._pump ", "driver -> hub hand-off"),
     ("Daemon._driver_loop ", "driver -> hub hand-off"),
     ("_health_loop ", "health"),

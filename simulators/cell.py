@@ -39,11 +39,11 @@ import numpy as np
 from drivers import aem_serial, aemnet, megasquirt
 from drivers.can_base import frame_to_message
 from drivers.innovate_mts import encode_packet, lambda_item, status_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import DEFAULT_GROUP, LoggingCommand
 from drivers.registry import create_driver
 from dynoai_daemon.logs.readers import read_log
 from simulators.dyno import Simulation
+from simulators.jetdrive_provider import JetDriveProvider
 from simulators.scenario import Scenario, load_scenario
 from simulators.sensors import SimEvent
 

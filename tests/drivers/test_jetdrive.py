@@ -19,14 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.jetdrive import (
-    RUN_CANCEL,
-    RUN_MARKER,
-    JetDriveDriver,
-    JetDriveProvider,
-    JetDriveReceiver,
-    random_host_id,
-)
+from drivers.jetdrive import JetDriveDriver, random_host_id
 from drivers.jetdrive_codec import (
     ChannelDef,
     ChannelInfo,
@@ -45,8 +38,10 @@ from drivers.jetdrive_codec import (
     decode_header,
     encode_message,
 )
+from drivers.jetdrive_receiver import RUN_CANCEL, RUN_MARKER, JetDriveReceiver
 from drivers.pcap import PcapWriter, ipv4_udp
 from dynoai_daemon.errors import ConfigError, DriverOpenError, ProtocolError
+from simulators.jetdrive_provider import JetDriveProvider
 
 DYNO = 0x1234
 HOST = 0x0BCD
