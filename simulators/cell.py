@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import math
 import os
-import socket
 import threading
 import time
 import tty
@@ -44,6 +43,7 @@ from drivers.registry import create_driver
 from dynoai_daemon.logs.readers import read_log
 from simulators.dyno import Simulation
 from simulators.jetdrive_provider import JetDriveProvider
+from simulators.ports import free_port
 from simulators.scenario import Scenario, load_scenario
 from simulators.sensors import SimEvent
 
@@ -80,13 +80,6 @@ AEM_SERIAL_SOURCES: dict[str, str] = {"wb_front": "afr_front", "wb_rear": "afr_r
 #: lambda: protocols.md only shows an AFR line; 2 decimals is what the gauge displays.
 AEM_DECIMALS: dict[str, int] = {"afr": 1, "lambda": 2}
 _counter = itertools.count()
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """Return a UDP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -180,7 +173,7 @@ class VirtualCell:
         self.speed = float(speed)
         self.clock = clock
         self.jetdrive_group = jetdrive_group
-        self.jetdrive_port = jetdrive_port or free_udp_port()
+        self.jetdrive_port = jetdrive_port or free_port("udp")
         self.can_channel = can_channel or f"dynoai-sim-{os.getpid()}-{next(_counter)}"
         self.can_interface = can_interface
         self.wideband = wideband

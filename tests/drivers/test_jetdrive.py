@@ -42,6 +42,7 @@ from drivers.jetdrive_receiver import RUN_CANCEL, RUN_MARKER, JetDriveReceiver
 from drivers.pcap import PcapWriter, ipv4_udp
 from dynoai_daemon.errors import ConfigError, DriverOpenError, ProtocolError
 from simulators.jetdrive_provider import JetDriveProvider
+from simulators.ports import free_port
 
 DYNO = 0x1234
 HOST = 0x0BCD
@@ -504,12 +505,6 @@ def test_values_round_trip(recs: list[tuple[int, int, float]]) -> None:
 # --- real UDP on loopback -------------------------------------------------------------------
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def loopback_multicast_works(group: str, port: int) -> bool:
     """Probe: can a socket joined on 127.0.0.1 receive a group datagram sent out of lo?"""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -564,7 +559,7 @@ MC_GROUP = "224.0.2.10"
 
 
 async def test_multicast_loopback_provider_and_driver() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     if not loopback_multicast_works(MC_GROUP, port):
         pytest.skip("multicast is not delivered on loopback here (the unicast tests cover it)")
     prov = JetDriveProvider(name="Dyno", channels=[("RPM", 8), ("Torque", 5)], host_id=DYNO)
@@ -620,7 +615,7 @@ async def test_multicast_loopback_provider_and_driver() -> None:
 
 
 async def test_unicast_mode_with_peer() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     opened = asyncio.Event()
     prov = JetDriveProvider(name="Dyno", channels=[("Engine RPM", 8), ("Power", 4)], host_id=DYNO)
     await prov.start(group="127.0.0.1", target=("127.0.0.1", port), interface_address="127.0.0.1")
@@ -652,7 +647,7 @@ async def test_unicast_mode_with_peer() -> None:
 
 
 async def test_unicast_fallback_when_join_fails() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     # 203.0.113.7 (TEST-NET-3) is no interface of this host: the kernel refuses the join
     # with ENODEV before anything is sent, a real failure rather than a mock.
     drv = JetDriveDriver(
@@ -686,7 +681,7 @@ async def test_unicast_fallback_when_join_fails() -> None:
 async def test_open_fails_without_fallback() -> None:
     drv = JetDriveDriver(
         group=MC_GROUP,
-        port=free_udp_port(),
+        port=free_port("udp"),
         interface_address="203.0.113.7",
         unicast_fallback=False,
         reconnect=False,
