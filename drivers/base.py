@@ -14,10 +14,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -292,16 +291,3 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
                 raise
         except Exception:  # the task's own failure is not the caller's business here
             pass
-
-
-def nominal_time(index: int, period_s: float, start: float = 0.0) -> float:
-    """Return the nominal time of message ``index`` for a stream with a fixed period."""
-    return start + index * period_s
-
-
-def is_finite(x: float) -> bool:
-    """Return True when ``x`` is a finite float."""
-    return math.isfinite(x)
-
-
-OpenCallable = Callable[[], Awaitable[None]]

@@ -280,11 +280,7 @@ class Daemon:
                 installed.append(sig)
         try:
             async with asyncio.TaskGroup() as tg:
-                if pub is not None:
-                    mqtt_task = tg.create_task(pub.run(), name="mqtt")
-                    self._publish_state(pub)
-                else:
-                    mqtt_task = None
+                mqtt_task = tg.create_task(pub.run(), name="mqtt") if pub is not None else None
                 sessions_task = tg.create_task(self._sessions_loop(), name="sessions")
                 await self._recover_orphans()
                 core_task = tg.create_task(self._core_loop(), name="core")
@@ -650,9 +646,6 @@ class Daemon:
         self, pub: Publisher, suffix: str, payload: dict[str, Any] | None
     ) -> None:
         pub.publish_retained(pub.topic(suffix), payload)
-
-    def _publish_state(self, pub: Publisher) -> None:
-        del pub  # the publisher itself announces online/offline with its last will
 
     def _check_stale(self) -> None:
         now = self.clock()
