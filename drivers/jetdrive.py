@@ -390,7 +390,7 @@ class JetDriveDriver(Driver):
     def decode_capture(
         cls, path: str | Path, /, **options: Any
     ) -> tuple[list[Sample], DriverStats]:
-        """Decode the JetDrive datagrams of a classic pcap file.
+        """Decode the JetDrive datagrams of a pcap or pcapng file.
 
         Only UDP datagrams to or from ``port`` (default 22344; 0 = any port) are decoded.
         Each sample's ``t`` is the capture timestamp (epoch seconds) of its datagram;
@@ -405,7 +405,7 @@ class JetDriveDriver(Driver):
             ``(samples, stats)``; stats.extra also carries the pcap reader's counters.
 
         Raises:
-            InputError: not a classic pcap file or an unsupported link type.
+            InputError: not a pcap/pcapng file, or an unsupported link type.
             ConfigError: a bad option.
         """
         drv = cls(**options)

@@ -727,3 +727,13 @@ def test_decode_capture(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert stats.extra["pcap_fragments"] == 1
     assert stats.extra["pcap_truncated_records"] == 1
     assert stats.extra["unknown_channel_values"] == 1 and stats.extra["held_values"] == 0
+
+
+def test_decode_capture_reads_pcapng(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "dyno.pcapng"
+    with PcapWriter(path, pcapng=True) as w:
+        w.write_udp(dyno_info(seq=0), 10.0)
+        w.write_udp(values_msg([(0, 1000, 3000.0)], seq=1), 10.5)
+    samples, stats = JetDriveDriver.decode_capture(path, source="cap")
+    assert [(s.t, s.channel, s.value) for s in samples] == [(10.5, "rpm", 3000.0)]
+    assert stats.extra["pcap_records"] == 2 and stats.extra["pcap_truncated_records"] == 0
