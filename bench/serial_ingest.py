@@ -139,9 +139,10 @@ def accounting(packets: list[bytes], stream: bytes) -> tuple[int, int]:
     return lost + len(sent) - j, phantom
 
 
-def best_of(
-    repeat: int, fn: Callable[[bytes], tuple[float, int, int]], stream: bytes
-) -> tuple[float, int, int]:
+Timed = Callable[[bytes], tuple[float, int, int]]
+
+
+def best_of(repeat: int, fn: Timed, stream: bytes) -> tuple[float, int, int]:
     """The fastest of ``repeat`` runs (the others are the machine's noise)."""
     return min((fn(stream) for _ in range(repeat)), key=lambda r: r[0])
 
