@@ -1,8 +1,8 @@
-"""Tests of the classic-pcap reader and writer used by ``dynoai decode`` for UDP drivers.
+"""Tests of the pcap/pcapng adapter over dpkt used by ``dynoai decode`` for UDP drivers.
 
-Captures are laid out by hand with struct (global header, record headers, link-layer
-headers, IPv4 and UDP) so the reader is checked against the file format itself, and the
-writer is checked by reading back what it wrote.
+Classic captures are laid out by hand with struct (global header, record headers, link-layer
+headers, IPv4 and UDP) so the reader is checked against the file format itself, not against
+the library; pcapng files are written by the library and read back, whole and cut short.
 """
 
 from __future__ import annotations
