@@ -239,3 +239,21 @@ def test_pcapng_truncated_final_block_is_reported(cut: int) -> None:
     whole, stats = read_udp(raw)
     assert [(d.t, d.payload) for d in whole] == [(1.0, b"one"), (2.0, b"two")]
     assert stats.truncated_records == 0
+
+
+def _empty_pcapng(linktype: int) -> bytes:
+    buf = io.BytesIO()
+    PcapWriter(buf, linktype=linktype, pcapng=True).close()
+    return buf.getvalue()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([1, 101, 113]), st.data())
+def test_fuzz_pcapng_blocks_never_crash(body: bytes, linktype: int, data: st.DataObject) -> None:
+    head = _empty_pcapng(linktype)
+    # half the cases start with a plausible block header so the block parsers get exercised
+    if data.draw(st.booleans()):
+        blk_type = data.draw(st.sampled_from([1, 2, 3, 5, 6, 0x0A0D0D0A]))
+        body = struct.pack("<II", blk_type, data.draw(st.integers(0, 400))) + body
+    dgs, stats = read_udp(head + body)
+    assert stats.udp == len(dgs)
