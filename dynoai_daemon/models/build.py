@@ -9,17 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Self
 
-from pydantic import (
-    Field,
-    computed_field,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, computed_field, field_validator, model_validator
 
-from dynoai_daemon.models._base import (
-    OptFloat,
-    _Model,
-)
+from dynoai_daemon.models._base import OptFloat, _Model
 from dynoai_daemon.models.enums import (
     CamProfile,
     CorrectionMethod,

@@ -10,22 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any, Self
 
-from pydantic import (
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
 from dynoai_daemon.errors import InputError
-from dynoai_daemon.models._base import (
-    UtcTime,
-    _Model,
-    _utc_now,
-    format_errors,
-)
-from dynoai_daemon.models.enums import (
-    PATTERN_KINDS,
-)
+from dynoai_daemon.models._base import UtcTime, _Model, _utc_now, format_errors
+from dynoai_daemon.models.enums import PATTERN_KINDS
 from dynoai_daemon.models.patterns import (
     AnyPattern,
     CylinderImbalancePattern,

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Self
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
 from dynoai_daemon.models._base import (
     OptFloat,
@@ -29,9 +26,7 @@ from dynoai_daemon.models.build import (
     DynoSessionMetadata,
     EnvironmentalConditions,
 )
-from dynoai_daemon.models.enums import (
-    TuningObjective,
-)
+from dynoai_daemon.models.enums import TuningObjective
 from dynoai_daemon.models.grid import RunInfo, SessionGrid
 from dynoai_daemon.models.patterns import SessionPatterns
 
