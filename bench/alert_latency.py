@@ -45,7 +45,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,7 @@ import can
 
 from drivers import megasquirt
 from drivers.can_base import frame_to_message
+from simulators.ports import free_port
 from tests.mosquitto import MosquittoBroker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +90,6 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # --------------------------------------------------------------------------- shared helpers
 # (bench/daemon_load.py imports these)
-
-
-def free_udp_port() -> int:
-    """A UDP port that was free a moment ago (for a python-can udp_multicast bus)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_value(v: Any) -> str:
@@ -852,7 +845,7 @@ def _outcome(
 async def run_process(args: argparse.Namespace, tmp: Path, broker: MosquittoBroker) -> Outcome:
     """The daemon as ``dynoai run`` in its own process, CAN over udp_multicast."""
     station = f"bench{uuid.uuid4().hex[:6]}"
-    port = args.can_port or free_udp_port()
+    port = args.can_port or free_port("udp", host="")
     can_bus = {"interface": "udp_multicast", "channel": CAN_GROUP, "port": port}
     cfg = daemon_config(
         args, station=station, data_dir=tmp / "data", mqtt_port=broker.port, can_bus=can_bus
@@ -1075,7 +1068,9 @@ async def amain(args: argparse.Namespace) -> bool:
         if args.in_process:
             mode = "in-process"
         else:
-            problem = await asyncio.to_thread(multicast_can_problem, CAN_GROUP, free_udp_port())
+            problem = await asyncio.to_thread(
+                multicast_can_problem, CAN_GROUP, free_port("udp", host="")
+            )
             if problem is not None:
                 print(f"udp_multicast unusable here ({problem}): falling back to in-process")
                 mode = "in-process"

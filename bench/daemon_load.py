@@ -65,7 +65,6 @@ from bench.alert_latency import (
     CAN_GROUP,
     DaemonProcess,
     MqttWatch,
-    free_udp_port,
     loadavg,
     multicast_can_problem,
     proc_cpu_s,
@@ -77,8 +76,9 @@ from bench.alert_latency import (
 from drivers import aemnet, megasquirt
 from drivers.can_base import CanFrame, frame_to_message
 from drivers.innovate_mts import NOMINAL_PERIOD_S, encode_packet, lambda_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import Unit
+from simulators.jetdrive_provider import JetDriveProvider
+from simulators.ports import free_port
 from tests.mosquitto import MosquittoBroker
 
 TARGET_CPU_PCT = 10.0
@@ -363,6 +363,7 @@ SUBSYSTEMS: tuple[tuple[str, str], ...] = (
     ("_BusReader._on_readable ", "CAN receive (python-can udp_multicast + decode)"),
     ("serial_base.py", "serial (MTS)"),
     ("jetdrive.py", "JetDrive"),
+    ("jetdrive_receiver.py", "JetDrive"),
     ("Driver._pump ", "driver -> hub hand-off"),
     ("Daemon._driver_loop ", "driver -> hub hand-off"),
     ("_health_loop ", "health"),
@@ -470,7 +471,7 @@ def own_cpu_s() -> float:
 async def amain(args: argparse.Namespace) -> bool:
     tmp = Path(args.data_dir or tempfile.mkdtemp(prefix="dynoai-load-bench-"))
     os.makedirs(tmp, exist_ok=True)
-    problem = await asyncio.to_thread(multicast_can_problem, CAN_GROUP, free_udp_port())
+    problem = await asyncio.to_thread(multicast_can_problem, CAN_GROUP, free_port("udp", host=""))
     if problem is not None:
         print(f"error: udp_multicast unusable here ({problem}): cannot feed CAN across processes")
         return False
@@ -486,7 +487,7 @@ async def amain(args: argparse.Namespace) -> bool:
         ptys = [PtyPair(), PtyPair()]
         pair = (ptys[0], ptys[1])
         station = f"load{uuid.uuid4().hex[:6]}"
-        can_port, jd_port = free_udp_port(), free_udp_port()
+        can_port, jd_port = free_port("udp", host=""), free_port("udp", host="")
         cfg = daemon_config(
             args, station=station, data_dir=tmp / "data", mqtt_port=broker.port,
             can_port=can_port, jd_port=jd_port, ptys=pair,

@@ -14,16 +14,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
 from dynoai_daemon.channels import Sample
-from dynoai_daemon.errors import DriverError, DriverOperationError
+from dynoai_daemon.errors import DriverError, DriverOperationError, InputError
 
 AvailabilityCallback = Callable[[str, bool, str], None]
 """Called as ``cb(source_name, online, reason)`` when a source comes or goes."""
@@ -167,6 +167,20 @@ class Driver(abc.ABC):
                 raise item
             yield item
 
+    @classmethod
+    def decode_capture(
+        cls, capture: str | Path, /, **options: Any
+    ) -> tuple[list[Sample], DriverStats]:
+        """Decode a recorded capture offline with this driver's codec (``dynoai decode``).
+
+        The serial, CAN and JetDrive bases override it; a driver without a capture format
+        keeps this one.
+
+        Raises:
+            InputError: always, naming the driver.
+        """
+        raise InputError(f"driver {cls.name!r} cannot decode captures")
+
     def map_channel(self, name: str) -> str:
         """Return the channel name for protocol name ``name`` after the user's overrides."""
         return self.channel_map.get(name, name)
@@ -277,16 +291,3 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
                 raise
         except Exception:  # the task's own failure is not the caller's business here
             pass
-
-
-def nominal_time(index: int, period_s: float, start: float = 0.0) -> float:
-    """Return the nominal time of message ``index`` for a stream with a fixed period."""
-    return start + index * period_s
-
-
-def is_finite(x: float) -> bool:
-    """Return True when ``x`` is a finite float."""
-    return math.isfinite(x)
-
-
-OpenCallable = Callable[[], Awaitable[None]]

@@ -17,9 +17,9 @@ Acceptance filters: a codec may state the frames it wants with ``can_filters()``
 ``{"can_id", "can_mask", "extended"}`` dicts, None = everything); :meth:`CanDriver.can_filters`
 hands them to ``can.Bus(can_filters=...)`` so that on a shared socketcan bus the kernel drops
 the other sources' frames before they wake this socket (other interfaces filter in hardware or
-in python-can's ``BusABC.recv``). :func:`id_filters` merges a set of ids into a few exact
-id/mask pairs and :func:`filters_match` is the matching rule (``(id ^ can_id) & mask == 0``
-plus the extended flag), shared with the tests.
+in python-can's ``BusABC.recv``). :func:`id_filters` gives one exact filter per id (the
+protocols use tens of ids, far under SocketCAN's 512 per socket) and :func:`filters_match` is
+the matching rule (``(id ^ can_id) & mask == 0`` plus the extended flag).
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ STD_ID_MASK: Final = 0x7FF
 EXT_ID_MASK: Final = 0x1FFFFFFF
 #: Most filters one socket takes (Linux CAN_RAW_FILTER_MAX); beyond that we filter nothing.
 MAX_FILTERS: Final = 512
-#: Above this many ids the exact minimisation is skipped for aligned-block merging.
-_QM_MAX_IDS: Final = 256
 
 #: Option names the :class:`Driver` base consumes; every other unknown option is handed to
 #: ``can.Bus`` (e.g. ``port`` for udp_multicast, ``fd``, ``tty_baudrate`` for slcan).
@@ -96,14 +94,10 @@ def parse_int(value: int | str, *, what: str) -> int:
 
 
 def id_filters(ids: Iterable[int], *, extended: bool) -> list[CanFilter]:
-    """Return few id/mask filters that match exactly ``ids`` (no other id of that width).
+    """Return one exact filter per id (full mask), sorted by id.
 
-    Ids are merged into aligned "cubes" (a mask bit cleared where the cube's ids differ),
-    e.g. ``{0x190, 0x191, 0x192, 0x193}`` -> ``0x190/0x7FC`` and ``{0x190, 0x192}`` ->
-    ``0x190/0x7FD``. Up to a few hundred ids this is an exact Quine-McCluskey minimisation
-    (prime cubes, essential ones first, then greedy); beyond that aligned power-of-two
-    blocks are merged. Every filter carries ``extended`` so 11-bit and 29-bit frames never
-    match each other's filters.
+    Every filter carries ``extended`` so 11-bit and 29-bit frames never match each other's
+    filters.
 
     Raises:
         ValueError: an id outside the 11-bit (``extended=False``) or 29-bit range.
@@ -113,15 +107,11 @@ def id_filters(ids: Iterable[int], *, extended: bool) -> list[CanFilter]:
     for i in wanted:
         if not 0 <= i <= full:
             raise ValueError(f"CAN id {i:#x} outside the {'29' if extended else '11'}-bit range")
-    cubes = _prime_cubes(wanted, full) if len(wanted) <= _QM_MAX_IDS else _aligned_blocks(wanted)
-    return [
-        {"can_id": value, "can_mask": full & ~dc, "extended": extended}
-        for value, dc in sorted(cubes)
-    ]
+    return [{"can_id": i, "can_mask": full, "extended": extended} for i in wanted]
 
 
 def frame_filters(frames: Iterable[tuple[int, bool]]) -> list[CanFilter] | None:
-    """Return merged filters for ``(arbitration_id, extended)`` pairs.
+    """Return exact filters for ``(arbitration_id, extended)`` pairs.
 
     None (receive everything) when there is no frame to ask for (an empty filter list means
     "no filter" to python-can) or when more than :data:`MAX_FILTERS` filters would be needed.
@@ -148,73 +138,6 @@ def filters_match(
         if (int(f["can_id"]) ^ arbitration_id) & int(f["can_mask"]) == 0:
             return True
     return False
-
-
-def _prime_cubes(ids: list[int], full: int) -> list[tuple[int, int]]:
-    """Return an exact cover of ``ids`` by cubes ``(value, dont_care_bits)``."""
-    ones = set(ids)
-    level: set[tuple[int, int]] = {(i, 0) for i in ids}
-    primes: set[tuple[int, int]] = set()
-    while level:
-        merged: set[tuple[int, int]] = set()
-        used: set[tuple[int, int]] = set()
-        for value, dc in level:
-            free = full & ~dc
-            bit = 1
-            while bit <= free:
-                if free & bit and not value & bit and (value | bit, dc) in level:
-                    merged.add((value, dc | bit))
-                    used.add((value, dc))
-                    used.add((value | bit, dc))
-                bit <<= 1
-        primes |= level - used
-        level = merged
-
-    def members(cube: tuple[int, int]) -> set[int]:
-        value, dc = cube
-        out = {value}
-        bit = 1
-        while bit <= dc:
-            if dc & bit:
-                out |= {m | bit for m in out}
-            bit <<= 1
-        return out
-
-    cover = {c: members(c) for c in primes}
-    chosen: list[tuple[int, int]] = []
-    left = set(ones)
-    by_id: dict[int, list[tuple[int, int]]] = {}
-    for c, ms in cover.items():
-        for m in ms:
-            by_id.setdefault(m, []).append(c)
-    for cs in by_id.values():  # essential cubes: the only cover of some id
-        if len(cs) == 1 and cs[0] not in chosen:
-            chosen.append(cs[0])
-            left -= cover[cs[0]]
-    while left:
-        best = max(sorted(cover), key=lambda c: len(cover[c] & left))
-        chosen.append(best)
-        left -= cover[best]
-    return chosen
-
-
-def _aligned_blocks(ids: list[int]) -> list[tuple[int, int]]:
-    """Cover sorted ``ids`` by aligned power-of-two blocks (exact, linear)."""
-    out: list[tuple[int, int]] = []
-    i = 0
-    while i < len(ids):
-        start = ids[i]
-        size = 1
-        # grow while the block stays aligned and every id in it is present
-        while (
-            start % (size * 2) == 0
-            and i + size * 2 <= len(ids)
-            and ids[i + size * 2 - 1] == start + size * 2 - 1
-        ):
-            size *= 2
-        out.append((start, size - 1))
-        i += size
-    return out
 
 
 def frame_to_message(frame: CanFrame, timestamp: float = 0.0) -> can.Message:
@@ -633,7 +556,9 @@ class CanDriver(Driver):
     # --- offline ---------------------------------------------------------------------------
 
     @classmethod
-    def decode_capture(cls, path: str | Path, **options: Any) -> tuple[list[Sample], DriverStats]:
+    def decode_capture(
+        cls, path: str | Path, /, **options: Any
+    ) -> tuple[list[Sample], DriverStats]:
         """Decode a python-can log file (candump ``.log``, ``.asc``, ``.blf``, ``.trc``, ...).
 
         Each sample's ``t`` and ``device_t`` are the log's timestamp of its frame.

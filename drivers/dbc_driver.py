@@ -278,6 +278,8 @@ class DbcCodec:
             vals = plan.message.decode(bytes(data), decode_choices=False, scaling=True)
         except Exception as exc:  # cantools.DecodeError and bitstruct errors
             raise ProtocolError(f"{plan.message.name}: {exc}") from exc
+        if not isinstance(vals, dict):  # a container message decodes to its parts
+            raise ProtocolError(f"{plan.message.name}: container messages are not supported")
         out: Decoded = []
         for sig, ch, mul, add in plan.routes:
             v = vals.get(sig)

@@ -1,31 +1,36 @@
-"""Minimal classic-pcap reader and writer for UDP drivers (``dynoai decode`` and tests).
+"""Packet captures for the UDP drivers, read and written through dpkt (``dynoai decode``, tests).
 
-:class:`PcapReader` reads the classic libpcap format (not pcapng) in both byte orders with
-micro- or nanosecond timestamps, walks the records and extracts the UDP payloads of IPv4
-packets from the link types that matter here: Ethernet (1, with 802.1Q/802.1ad tags), raw
-IPv4 (101 and 228), Linux cooked capture SLL (113) and SLL2 (276), and BSD null/loopback
-(0, 108). It honours the IPv4 header length, skips fragments and non-UDP packets, and counts
-everything it skips in :class:`PcapStats`; a truncated final record is counted and ends the
-walk instead of raising. :class:`PcapWriter` writes such files (used by tests to build
-captures byte by byte); :func:`ipv4_udp` builds the IPv4+UDP packet it wraps.
+:class:`PcapReader` opens a classic pcap (either byte order, micro- or nanosecond stamps) or
+a pcapng file with dpkt's readers and yields the UDP payloads of IPv4 packets from the link
+types that matter here: Ethernet (1, with 802.1Q/802.1ad tags), raw IPv4 (101 and 228),
+Linux cooked capture SLL (113) and SLL2 (276), and BSD null/loopback (0, 108); a pcapng
+file is read with the link type of its first interface. dpkt parses the headers; this
+module counts what it skips in :class:`PcapStats` (not IPv4, not UDP, fragments, broken
+IPv4/UDP headers, UDP payloads cut by the snap length) and notices a truncated final record
+(a short read), which ends the walk instead of raising. :class:`PcapWriter` writes pcap or
+pcapng through dpkt's writers (tests build captures with it); :func:`ipv4_udp` builds the
+IPv4+UDP packet with valid checksums.
 """
 
 from __future__ import annotations
 
 import io
+import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
+
+import dpkt
 
 from dynoai_daemon.errors import InputError
 
-MAGIC_US: Final = 0xA1B2C3D4
-MAGIC_NS: Final = 0xA1B23C4D
-GLOBAL_HEADER_SIZE: Final = 24
-RECORD_HEADER_SIZE: Final = 16
+PCAP_MAGICS: Final = frozenset(
+    {b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"}
+)
+PCAPNG_MAGIC: Final = b"\x0a\x0d\x0d\x0a"
 MAX_RECORD: Final = 256 * 1024 * 1024  # beyond this a record length is corruption
 
 LINKTYPE_NULL: Final = 0
@@ -47,18 +52,16 @@ SUPPORTED_LINKTYPES: Final = frozenset(
     }
 )
 ETHERTYPE_IPV4: Final = 0x0800
-VLAN_ETHERTYPES: Final = frozenset({0x8100, 0x88A8, 0x9100})
 IPPROTO_UDP: Final = 17
 AF_INET_BSD: Final = 2  # AF_INET is 2 on every platform that writes null-link captures
 
 
 @dataclass(frozen=True, slots=True)
 class PcapRecord:
-    """One captured packet: epoch time in seconds, captured bytes, original length."""
+    """One captured packet: epoch time in seconds and the captured bytes."""
 
     t: float
     data: bytes
-    orig_len: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +94,46 @@ class PcapStats:
         return asdict(self)
 
 
+@dataclass
+class _ShortReads:
+    """The file as dpkt reads it, noting reads that got less than they asked for.
+
+    dpkt's readers hand out a short final record as if it were whole; a read that came up
+    short since the last record is how a cut file shows. A length that is negative or
+    beyond :data:`MAX_RECORD` is corruption: it reads nothing and counts as short.
+    """
+
+    f: BinaryIO
+    reads: list[tuple[int, int]] = field(default_factory=list)  # (asked, got) since a record
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > MAX_RECORD:
+            self.reads.append((1, 0))
+            return b""
+        data = self.f.read(n)
+        self.reads.append((n, len(data)))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def cut(self, *, at_end: bool) -> bool:
+        """True when a read since the last record came up short (a clean EOF excepted)."""
+        reads = self.reads
+        if at_end and reads and reads[0][1] == 0:
+            reads = reads[1:]  # nothing at all where the next record would start: the end
+        return any(got < asked for asked, got in reads)
+
+
 class PcapReader:
-    """Reads a classic pcap file.
+    """Reads a pcap or pcapng file.
 
     Args:
         source: a path or a binary file object (not closed by the reader if passed in).
 
     Raises:
-        InputError: the file is not a classic pcap or uses an unsupported link type.
+        InputError: the file is neither pcap nor pcapng, its header is cut or invalid, or
+            it uses an unsupported link type.
     """
 
     def __init__(self, source: str | Path | BinaryIO) -> None:
@@ -116,35 +151,31 @@ class PcapReader:
         self.stats = PcapStats()
         self.truncated = False
         try:
-            self._read_global_header()
+            self._open()
         except InputError:
             self.close()
             raise
 
-    def _read_global_header(self) -> None:
-        head = self._f.read(GLOBAL_HEADER_SIZE)
-        if len(head) < 4:
+    def _open(self) -> None:
+        start = self._f.tell()
+        magic = self._f.read(4)
+        self._f.seek(start)
+        if len(magic) < 4:
             raise InputError("not a pcap file: too short", path=self.path)
-        for order in ("<", ">"):
-            (magic,) = struct.unpack(order + "I", head[:4])
-            if magic in (MAGIC_US, MAGIC_NS):
-                break
-        else:
-            hint = " (pcapng is not supported; convert with editcap -F pcap)"
-            if head[:4] == b"\x0a\x0d\x0d\x0a":
-                raise InputError("pcapng file" + hint, path=self.path)
-            raise InputError(f"not a pcap file: magic {head[:4].hex()}", path=self.path)
-        if len(head) < GLOBAL_HEADER_SIZE:
-            raise InputError("truncated pcap global header", path=self.path)
-        self.byte_order = order
-        self.nanosecond = magic == MAGIC_NS
-        self.version = struct.unpack(order + "HH", head[4:8])
-        self.snaplen, network = struct.unpack(order + "II", head[16:24])
-        self.linktype = network & 0xFFFF  # upper bits may carry FCS information
+        self.pcapng = magic == PCAPNG_MAGIC
+        if not self.pcapng and magic not in PCAP_MAGICS:
+            raise InputError(f"not a pcap or pcapng file: magic {magic.hex()}", path=self.path)
+        kind = "pcapng" if self.pcapng else "pcap"
+        self._io = _ShortReads(self._f)
+        try:
+            self._reader: Any = (dpkt.pcapng.Reader if self.pcapng else dpkt.pcap.Reader)(self._io)
+        except dpkt.NeedData as exc:
+            raise InputError(f"truncated {kind} global header", path=self.path) from exc
+        except (ValueError, dpkt.UnpackError, struct.error) as exc:
+            raise InputError(f"invalid {kind} header: {exc}", path=self.path) from exc
+        self.linktype = int(self._reader.datalink()) & 0xFFFF  # upper bits may carry FCS
         if self.linktype not in SUPPORTED_LINKTYPES:
-            raise InputError(f"unsupported pcap link type {self.linktype}", path=self.path)
-        self._rec = struct.Struct(order + "IIII")
-        self._frac = 1e-9 if self.nanosecond else 1e-6
+            raise InputError(f"unsupported {kind} link type {self.linktype}", path=self.path)
 
     def close(self) -> None:
         """Close the file if the reader opened it."""
@@ -164,24 +195,23 @@ class PcapReader:
 
     def records(self) -> Iterator[PcapRecord]:
         """Yield every complete record; a truncated last record sets ``truncated``."""
+        it = iter(self._reader)
         while True:
-            head = self._f.read(RECORD_HEADER_SIZE)
-            if not head:
+            self._io.reads.clear()
+            try:
+                ts, data = next(it)
+            except StopIteration:
+                if self._io.cut(at_end=True):
+                    self._truncated()
                 return
-            if len(head) < RECORD_HEADER_SIZE:
+            except (dpkt.UnpackError, struct.error, ValueError):
                 self._truncated()
                 return
-            sec, frac, incl, orig = self._rec.unpack(head)
-            if incl > MAX_RECORD:
-                # A wild length means the rest of the file cannot be framed: stop here.
-                self._truncated()
-                return
-            data = self._f.read(incl)
-            if len(data) < incl:
+            if self._io.cut(at_end=False):
                 self._truncated()
                 return
             self.stats.records += 1
-            yield PcapRecord(sec + frac * self._frac, data, orig)
+            yield PcapRecord(float(ts), bytes(data))
 
     def _truncated(self) -> None:
         self.truncated = True
@@ -190,94 +220,61 @@ class PcapReader:
     def udp_datagrams(self) -> Iterator[UdpDatagram]:
         """Yield the UDP payloads of IPv4 packets, skipping (and counting) the rest."""
         for rec in self.records():
-            ip = self._ipv4(rec.data)
-            if ip is None:
-                self.stats.non_ipv4 += 1
-                continue
-            dg = self._udp(rec.t, ip)
+            dg = self._udp(rec.t, self._ipv4(rec.data))
             if dg is not None:
                 self.stats.udp += 1
                 yield dg
 
-    def _ipv4(self, frame: bytes) -> bytes | None:
+    def _ipv4(self, frame: bytes) -> Any:
+        """The dpkt IP packet, None when the frame is not IPv4, or bytes when broken IPv4."""
         lt = self.linktype
-        if lt == LINKTYPE_ETHERNET:
-            if len(frame) < 14:
-                return None
-            off = 12
-            (etype,) = struct.unpack_from(">H", frame, off)
-            while etype in VLAN_ETHERTYPES and len(frame) >= off + 6:
-                off += 4
-                (etype,) = struct.unpack_from(">H", frame, off)
-            return frame[off + 2 :] if etype == ETHERTYPE_IPV4 else None
-        if lt in (LINKTYPE_RAW, LINKTYPE_IPV4):
-            return frame if frame and frame[0] >> 4 == 4 else None
-        if lt == LINKTYPE_LINUX_SLL:
-            if len(frame) < 16 or struct.unpack_from(">H", frame, 14)[0] != ETHERTYPE_IPV4:
-                return None
-            return frame[16:]
-        if lt == LINKTYPE_LINUX_SLL2:
-            if len(frame) < 20 or struct.unpack_from(">H", frame, 0)[0] != ETHERTYPE_IPV4:
-                return None
-            return frame[20:]
-        # Null/loopback: a 4-byte address family in the capturing host's byte order (0)
-        # or always big-endian (108); accept AF_INET either way.
-        if len(frame) < 4:
+        try:
+            if lt in (LINKTYPE_RAW, LINKTYPE_IPV4):
+                return dpkt.ip.IP(frame) if frame and frame[0] >> 4 == 4 else None
+            if lt == LINKTYPE_ETHERNET:
+                link: Any = dpkt.ethernet.Ethernet(frame)
+                tags = getattr(link, "vlan_tags", None)
+                ethertype = int(tags[-1].type) if tags else int(link.type)
+            elif lt == LINKTYPE_LINUX_SLL:
+                link = dpkt.sll.SLL(frame)
+                ethertype = int(link.ethtype)
+            elif lt == LINKTYPE_LINUX_SLL2:
+                link = dpkt.sll2.SLL2(frame)
+                ethertype = int(link.ethtype)
+            else:  # null/loopback: dpkt takes the family in either byte order
+                link = dpkt.loopback.Loopback(frame)
+                ethertype = ETHERTYPE_IPV4 if link.family == AF_INET_BSD else 0
+        except (dpkt.UnpackError, struct.error):
             return None
-        fams = {struct.unpack_from(">I", frame)[0]}
-        if lt == LINKTYPE_NULL:
-            fams.add(struct.unpack_from("<I", frame)[0])
-        return frame[4:] if AF_INET_BSD in fams else None
+        if isinstance(link.data, dpkt.ip.IP):
+            return link.data
+        return bytes(link.data) if ethertype == ETHERTYPE_IPV4 else None
 
-    def _udp(self, t: float, ip: bytes) -> UdpDatagram | None:
-        if len(ip) < 20 or ip[0] >> 4 != 4:
+    def _udp(self, t: float, ip: Any) -> UdpDatagram | None:
+        if ip is None:
+            self.stats.non_ipv4 += 1
+            return None
+        if not isinstance(ip, dpkt.ip.IP) or ip.v != 4:
             self.stats.bad_ip += 1
             return None
-        ihl = (ip[0] & 0x0F) * 4
-        total = struct.unpack_from(">H", ip, 2)[0]
-        if ihl < 20 or len(ip) < ihl or total < ihl:
-            self.stats.bad_ip += 1
-            return None
-        flags_frag = struct.unpack_from(">H", ip, 6)[0]
-        if flags_frag & 0x2000 or flags_frag & 0x1FFF:  # more fragments, or an offset
+        if ip.mf or ip.offset:  # more fragments, or an offset
             self.stats.fragments += 1
             return None
-        if ip[9] != IPPROTO_UDP:
+        if ip.p != IPPROTO_UDP:
             self.stats.non_udp += 1
             return None
-        ip = ip[:total]  # drop Ethernet padding past the IP total length
-        if len(ip) < ihl + 8:
+        udp = ip.data
+        if not isinstance(udp, dpkt.udp.UDP) or udp.ulen < 8:
             self.stats.bad_ip += 1
             return None
-        sport, dport, ulen = struct.unpack_from(">HHH", ip, ihl)
-        if ulen < 8:
-            self.stats.bad_ip += 1
-            return None
-        payload = ip[ihl + 8 : ihl + ulen]
-        if len(payload) < ulen - 8:
+        payload = bytes(udp.data)[: udp.ulen - 8]
+        if len(payload) < udp.ulen - 8:
             self.stats.snapped_udp += 1
-        src = ".".join(str(b) for b in ip[12:16])
-        dst = ".".join(str(b) for b in ip[16:20])
-        return UdpDatagram(t, src, sport, dst, dport, payload)
+        src, dst = socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst)
+        return UdpDatagram(t, src, int(udp.sport), dst, int(udp.dport), payload)
 
 
 # --- writing --------------------------------------------------------------------------------
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = int(sum(struct.unpack(f">{len(data) // 2}H", data)))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def _addr(text: str) -> bytes:
-    parts = [int(p) for p in text.split(".")]
-    if len(parts) != 4 or not all(0 <= p <= 255 for p in parts):
-        raise ValueError(f"not an IPv4 address: {text!r}")
-    return bytes(parts)
 
 
 def ipv4_udp(
@@ -293,7 +290,7 @@ def ipv4_udp(
     protocol: int = IPPROTO_UDP,
     options: bytes = b"",
 ) -> bytes:
-    """Build an IPv4 packet carrying a UDP datagram, with valid checksums.
+    """Build an IPv4 packet carrying a UDP datagram, with valid checksums (by dpkt).
 
     Args:
         payload: the UDP payload (for ``protocol`` other than UDP: the raw IP payload).
@@ -301,43 +298,32 @@ def ipv4_udp(
         options: IPv4 options (padded to 4 bytes), to exercise IHL > 5.
     """
     options = options + b"\0" * (-len(options) % 4)
-    s, d = _addr(src), _addr(dst)
+    body: Any = payload
     if protocol == IPPROTO_UDP:
-        ulen = 8 + len(payload)
-        pseudo = s + d + struct.pack(">BBH", 0, IPPROTO_UDP, ulen)
-        udp = struct.pack(">HHHH", sport, dport, ulen, 0) + payload
-        csum = _checksum(pseudo + udp) or 0xFFFF
-        body = udp[:6] + struct.pack(">H", csum) + udp[8:]
-    else:
-        body = payload
-    ihl = 5 + len(options) // 4
-    hdr = struct.pack(
-        ">BBHHHBBH4s4s",
-        0x40 | ihl,
-        0,
-        ihl * 4 + len(body),
-        ident,
-        flags_frag,
-        ttl,
-        protocol,
-        0,
-        s,
-        d,
+        body = dpkt.udp.UDP(sport=sport, dport=dport, ulen=8 + len(payload), data=payload)
+    ip = dpkt.ip.IP(
+        src=socket.inet_aton(src),
+        dst=socket.inet_aton(dst),
+        id=ident,
+        ttl=ttl,
+        p=protocol,
+        opts=options,
+        data=body,
     )
-    hdr += options
-    hdr = hdr[:10] + struct.pack(">H", _checksum(hdr)) + hdr[12:]
-    return hdr + body
+    ip.hl = 5 + len(options) // 4
+    ip._flags_offset = flags_frag  # the raw 16-bit field; dpkt names its bits
+    return bytes(ip)
 
 
 class PcapWriter:
-    """Writes a classic pcap file.
+    """Writes a pcap (or, with ``pcapng=True``, a pcapng) file through dpkt.
 
     Args:
         target: a path or a binary file object.
         linktype: one of the supported link types.
-        nanosecond: write nanosecond timestamps (magic 0xa1b23c4d).
-        big_endian: write a big-endian file.
+        nanosecond: write nanosecond timestamps (pcap only; pcapng stores microseconds).
         snaplen: captured bytes per record at most (longer packets are cut, like tcpdump -s).
+        pcapng: write pcapng instead of classic pcap.
     """
 
     def __init__(
@@ -346,8 +332,8 @@ class PcapWriter:
         *,
         linktype: int = LINKTYPE_ETHERNET,
         nanosecond: bool = False,
-        big_endian: bool = False,
         snaplen: int = 65535,
+        pcapng: bool = False,
     ) -> None:
         if linktype not in SUPPORTED_LINKTYPES:
             raise ValueError(f"unsupported link type {linktype}")
@@ -358,43 +344,33 @@ class PcapWriter:
             self._f = target
             self._own = False
         self.linktype = linktype
-        self.nanosecond = nanosecond
         self.snaplen = snaplen
-        self._o = ">" if big_endian else "<"
-        magic = MAGIC_NS if nanosecond else MAGIC_US
-        self._f.write(struct.pack(self._o + "IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype))
+        self._w: Any = (
+            dpkt.pcapng.Writer(self._f, snaplen=snaplen, linktype=linktype)
+            if pcapng
+            else dpkt.pcap.Writer(self._f, snaplen=snaplen, linktype=linktype, nano=nanosecond)
+        )
 
-    def write_record(self, data: bytes, t: float, orig_len: int | None = None) -> None:
-        """Write one record with capture time ``t`` (epoch seconds)."""
-        scale = 1_000_000_000 if self.nanosecond else 1_000_000
-        ticks = round(t * scale)
-        sec, frac = divmod(ticks, scale)
-        cap = data[: self.snaplen]
-        orig = len(data) if orig_len is None else orig_len
-        self._f.write(struct.pack(self._o + "IIII", sec, frac, len(cap), orig) + cap)
+    def write_record(self, data: bytes, t: float) -> None:
+        """Write one record with capture time ``t`` (epoch seconds), cut to ``snaplen``."""
+        self._w.writepkt_time(data[: self.snaplen], t)
 
     def frame(self, ip_packet: bytes) -> bytes:
         """Wrap an IPv4 packet in this file's link-layer header."""
         lt = self.linktype
         if lt == LINKTYPE_ETHERNET:
-            return (
-                b"\x01\x00\x5e\x00\x02\x0a"
-                + b"\x02\x00\x00\x00\x00\x01"
-                + b"\x08\x00"
-                + (ip_packet)
+            eth = dpkt.ethernet.Ethernet(
+                dst=b"\x01\x00\x5e\x00\x02\x0a", src=b"\x02\x00\x00\x00\x00\x01", type=0x0800
             )
+            return bytes(eth) + ip_packet
         if lt in (LINKTYPE_RAW, LINKTYPE_IPV4):
             return ip_packet
         if lt == LINKTYPE_LINUX_SLL:
-            # packet type 0 (to us), ARPHRD_ETHER, 6-byte address, protocol IPv4.
-            return struct.pack(">HHH8sH", 0, 1, 6, b"\x02\0\0\0\0\x01\0\0", ETHERTYPE_IPV4) + (
-                ip_packet
-            )
+            return bytes(dpkt.sll.SLL(ethtype=ETHERTYPE_IPV4)) + ip_packet
         if lt == LINKTYPE_LINUX_SLL2:
-            return struct.pack(">HHIHBB8s", ETHERTYPE_IPV4, 0, 1, 1, 0, 6, b"\0" * 8) + ip_packet
-        if lt == LINKTYPE_LOOP:
-            return struct.pack(">I", AF_INET_BSD) + ip_packet
-        return struct.pack(self._o + "I", AF_INET_BSD) + ip_packet
+            return bytes(dpkt.sll2.SLL2(ethtype=ETHERTYPE_IPV4, intindex=1)) + ip_packet
+        # null/loopback: the family big-endian (108 requires it; 0 takes either order)
+        return struct.pack(">I", AF_INET_BSD) + ip_packet
 
     def write_udp(
         self,
@@ -433,7 +409,7 @@ def read_udp(source: str | Path | BinaryIO | bytes) -> tuple[list[UdpDatagram], 
     """Read every UDP datagram of a capture (``bytes`` are read as an in-memory file).
 
     Raises:
-        InputError: not a classic pcap, or an unsupported link type.
+        InputError: not a pcap or pcapng file, or an unsupported link type.
     """
     src: str | Path | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
     with PcapReader(src) as reader:

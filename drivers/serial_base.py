@@ -408,7 +408,7 @@ class SerialDriver(Driver):
 
     @classmethod
     def decode_capture(
-        cls, capture: str | Path | bytes | bytearray, **options: Any
+        cls, capture: str | Path | bytes | bytearray, /, **options: Any
     ) -> tuple[list[Sample], DriverStats]:
         """Decode a raw byte capture of this driver's port, as ``dynoai decode`` does.
 

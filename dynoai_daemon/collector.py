@@ -2,23 +2,22 @@
 
 :class:`TrainingDataCollector` builds TuningSessions from completed runs
 (``create_session_from_run``), gathers them (``add_session``), pulls their patterns into
-the :class:`~dynoai_daemon.models.TrainingDataset` (``extract_all_patterns``) and saves or
-loads the dataset as JSON. Patterns normally come with the session: the core computes them
-from the run's cells when the run closes (``session.patterns``). For a session that has
-neither a grid nor patterns but carries initial and final VE tables (a hand-entered or
-imported session), the **table-only fallback** derives a VEScalingPattern from the
-final/initial VE ratio of every table cell, averaged over the operating regions of
-docs/tuning.md (pooled over both cylinders); it is marked ``source="tables"`` and is weaker
-than the cell-based pattern because untouched cells count as "no change" and nothing says
-which cells were actually verified on the dyno. Extraction is idempotent: a session's
-patterns are added once (keyed by session id), whatever the number of calls.
+the :class:`~dynoai_daemon.models.TrainingDataset` (``extract_all_patterns``); the store
+reads and writes it (:func:`dynoai_daemon.store.files.save_dataset`). Patterns normally
+come with the session: the core computes them from the run's cells when the run closes
+(``session.patterns``). For a session that has neither a grid nor patterns but carries
+initial and final VE tables (a hand-entered or imported session), the **table-only
+fallback** derives a VEScalingPattern from the final/initial VE ratio of every table cell,
+averaged over the operating regions of docs/tuning.md (pooled over both cylinders); it is
+marked ``source="tables"`` and is weaker than the cell-based pattern because untouched
+cells count as "no change" and nothing says which cells were actually verified on the
+dyno. Extraction is idempotent: a session's patterns are added once (keyed by session id),
+whatever the number of calls.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,6 +36,7 @@ from dynoai_daemon.models import (
     VEScalingPattern,
     format_errors,
 )
+from dynoai_daemon.patterns.cells import REGIONS
 
 #: keys of ``results`` in :meth:`TrainingDataCollector.create_session_from_run`
 RESULT_FIELDS: frozenset[str] = frozenset(
@@ -76,8 +76,6 @@ _REGION_FIELDS: dict[str, str] = {
 
 def _regions() -> dict[str, tuple[float, float, float, float]]:
     # One definition of the regions for the whole project: the pattern code's.
-    from dynoai_daemon.patterns.cells import REGIONS
-
     return dict(REGIONS)
 
 
@@ -324,23 +322,6 @@ class TrainingDataCollector:
             for kind, n in self.extract_session_patterns(session).items():
                 total[kind] += n
         return total
-
-    def save_dataset(self, path: str | os.PathLike[str]) -> Path:
-        """Write the dataset (with its summary) to ``path`` atomically.
-
-        Raises:
-            StoreError: the write failed; names the path.
-        """
-        return self.dataset.save(path)
-
-    @classmethod
-    def load_dataset(cls, path: str | os.PathLike[str]) -> TrainingDataCollector:
-        """Return a collector continuing the dataset stored at ``path``.
-
-        Raises:
-            InputError: missing, unreadable or invalid file; names the path and fields.
-        """
-        return cls.from_dataset(TrainingDataset.load(path))
 
 
 __all__ = [

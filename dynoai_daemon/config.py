@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dynoai_daemon import models
 from dynoai_daemon.errors import ConfigError
 
 DEFAULT_RPM_AXIS: tuple[float, ...] = (
@@ -263,7 +264,6 @@ def session_context(settings: Settings) -> SessionContext:
     Raises:
         ConfigError: naming each bad field (e.g. ``build.displacement_ci``).
     """
-    from dynoai_daemon import models
 
     def one(section: str, cls: type[BaseModel], data: dict[str, Any] | None) -> Any:
         if not data:

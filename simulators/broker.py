@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from simulators.ports import free_port
+
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     """True when a TCP connection to ``host:port`` succeeds within ``timeout`` seconds."""
@@ -31,13 +33,6 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def find_mosquitto() -> str | None:
@@ -89,7 +84,7 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) ->
 
 def _start_mosquitto(binary: str, timeout: float) -> BrokerHandle | None:
     tmp = tempfile.TemporaryDirectory(prefix="dynoai-broker-")
-    port = free_tcp_port()
+    port = free_port()
     conf = Path(tmp.name) / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\n"
@@ -134,7 +129,7 @@ def _start_amqtt(timeout: float) -> BrokerHandle | None:
             return None
     except (ImportError, ValueError):
         return None
-    port = free_tcp_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", _AMQTT_SCRIPT, str(port)],
         stdin=subprocess.DEVNULL,

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import math
 import os
-import socket
 import threading
 import time
 import tty
@@ -39,9 +38,12 @@ import numpy as np
 from drivers import aem_serial, aemnet, megasquirt
 from drivers.can_base import frame_to_message
 from drivers.innovate_mts import encode_packet, lambda_item, status_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import DEFAULT_GROUP, LoggingCommand
+from drivers.registry import create_driver
+from dynoai_daemon.logs.readers import read_log
 from simulators.dyno import Simulation
+from simulators.jetdrive_provider import JetDriveProvider
+from simulators.ports import free_port
 from simulators.scenario import Scenario, load_scenario
 from simulators.sensors import SimEvent
 
@@ -78,13 +80,6 @@ AEM_SERIAL_SOURCES: dict[str, str] = {"wb_front": "afr_front", "wb_rear": "afr_r
 #: lambda: docs/protocols.md only shows an AFR line; 2 decimals is what the gauge displays.
 AEM_DECIMALS: dict[str, int] = {"afr": 1, "lambda": 2}
 _counter = itertools.count()
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """Return a UDP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -178,7 +173,7 @@ class VirtualCell:
         self.speed = float(speed)
         self.clock = clock
         self.jetdrive_group = jetdrive_group
-        self.jetdrive_port = jetdrive_port or free_udp_port()
+        self.jetdrive_port = jetdrive_port or free_port("udp")
         self.can_channel = can_channel or f"dynoai-sim-{os.getpid()}-{next(_counter)}"
         self.can_interface = can_interface
         self.wideband = wideband
@@ -379,8 +374,6 @@ class VirtualCell:
         forwarded to ``on_availability``; assign :attr:`forward_availability` later to
         forward to a daemon built afterwards.
         """
-        from drivers.registry import create_driver
-
         self.forward_availability = on_availability
         built: dict[str, Any] = {}
         for src in self.sources():
@@ -623,8 +616,6 @@ def canonical_events(csv_path: str | os.PathLike[str]) -> list[SimEvent]:
     Raises:
         InputError / LogFormatError: the file is not a readable canonical CSV.
     """
-    from dynoai_daemon.logs.readers import read_log
-
     out: list[SimEvent] = []
     t0: float | None = None
     for frame in read_log(Path(csv_path), format="canonical"):
@@ -635,7 +626,7 @@ def canonical_events(csv_path: str | os.PathLike[str]) -> list[SimEvent]:
         for r in range(len(ts)):
             t = float(ts[r]) - (t0 or 0.0)
             row = {k: float(c[r]) for k, c in cols.items() if not np.isnan(c[r])}
-            wb = {k: row[k] for k in ("afr_front", "afr_rear") if k in row}
+            wb: dict[str, float] = {k: row[k] for k in ("afr_front", "afr_rear") if k in row}
             if wb:
                 for k in list(wb):
                     wb[f"{k}_status"] = 0.0

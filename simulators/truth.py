@@ -23,9 +23,7 @@ tuner applies once the intake is back at its reference temperature.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
+from dynoai_daemon.store import atomic_write_json
 from simulators.dyno import Simulation
 
 FloatArray = npt.NDArray[np.float64]
@@ -299,24 +298,12 @@ def export_truth(sim: Simulation, *, min_weight: float = VISITED_WEIGHT) -> dict
 
 
 def write_truth(truth: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a truth dict as JSON atomically (temporary file, fsync, rename).
+    """Write a truth dict as JSON atomically, through the store's :func:`atomic_write_json`.
 
     Returns:
         The path written.
 
     Raises:
-        OSError: the directory cannot be created or written.
+        StoreFileError: the directory cannot be created or written, or a value is NaN.
     """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(dict(truth), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write_json(path, dict(truth), indent=1)

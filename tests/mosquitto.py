@@ -29,18 +29,9 @@ from typing import Any
 import aiomqtt
 
 from simulators.broker import find_mosquitto
+from simulators.ports import free_port
 
 SYSTEM_PORT = 1883
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, never 1883."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port != SYSTEM_PORT:
-            return port
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:

@@ -41,18 +41,18 @@ def feed_all(c: Core, frame: Frame, chunk: int | None = None) -> list[object]:
 # ---------------------------------------------------------------- grid
 
 
-def test_bilinear_on_breakpoint_gives_whole_weight() -> None:
+def test_locate_on_breakpoint_gives_whole_weight() -> None:
     g = Grid([1000, 2000, 3000], [20, 40, 60])
-    cells, w = g.bilinear(np.array([2000.0]), np.array([40.0]))
+    cells, w, _, _ = g.locate(np.array([2000.0]), np.array([40.0]))
     assert w[:, 0].sum() == pytest.approx(1.0)
     assert cells[np.argmax(w[:, 0]), 0] == 1 * 3 + 1
     assert w[:, 0].max() == pytest.approx(1.0)
 
 
-def test_bilinear_between_breakpoints() -> None:
+def test_locate_weights_between_breakpoints() -> None:
     g = Grid([1000, 2000, 3000], [20, 40, 60])
     # 1250 rpm is 1/4 of the way to 2000; 35 kPa is 3/4 of the way to 40.
-    cells, w = g.bilinear(np.array([1250.0]), np.array([35.0]))
+    cells, w, _, _ = g.locate(np.array([1250.0]), np.array([35.0]))
     got = dict(zip(cells[:, 0].tolist(), w[:, 0].tolist(), strict=True))
     assert got[0] == pytest.approx(0.75 * 0.25)  # (1000, 20)
     assert got[3] == pytest.approx(0.25 * 0.25)  # (2000, 20)
@@ -62,7 +62,7 @@ def test_bilinear_between_breakpoints() -> None:
 
 def test_outside_axes_clamped_within_half_step_else_dropped() -> None:
     g = Grid([1000, 2000, 3000], [20, 40, 60])
-    cells, w = g.bilinear(np.array([3400.0, 3600.0, 400.0]), np.array([60.0, 60.0, 20.0]))
+    cells, w, _, _ = g.locate(np.array([3400.0, 3600.0, 400.0]), np.array([60.0, 60.0, 20.0]))
     assert w[:, 0].sum() == pytest.approx(1.0)  # 3400 within half a step (500) of 3000
     assert cells[np.argmax(w[:, 0]), 0] == 2 * 3 + 2
     assert w[:, 1].sum() == 0.0  # 3600 beyond: dropped

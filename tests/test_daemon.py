@@ -17,10 +17,10 @@ import pytest
 
 from drivers.can_base import frame_to_message
 from drivers.innovate_mts import encode_packet, lambda_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.megasquirt import encode_signals
 from dynoai_daemon.config import Settings
 from dynoai_daemon.service.daemon import Daemon
+from simulators.jetdrive_provider import JetDriveProvider
 from tests.mosquitto import MosquittoBroker, Received, Subscriber, free_port
 
 

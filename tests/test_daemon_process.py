@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from drivers.innovate_mts import encode_packet, lambda_item
-from drivers.jetdrive import JetDriveProvider
 from drivers.jetdrive_codec import Unit
+from simulators.jetdrive_provider import JetDriveProvider
 from tests.mosquitto import MosquittoBroker, Received, Subscriber, free_port
 
 pytestmark = pytest.mark.timeout(120)

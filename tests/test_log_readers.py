@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from drivers.pcap import PcapWriter
 from dynoai_daemon.channels import CANONICAL_CHANNELS, Frame, Sample, concat_frames
 from dynoai_daemon.errors import InputError, LogFormatError
 from dynoai_daemon.logs import (
@@ -79,6 +80,10 @@ def test_sniff_can_and_capture_formats(tmp_path: Path) -> None:
     pcap = tmp_path / "d.pcap"
     pcap.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
     assert [sniff_format(p) for p in (cd, asc, blf, pcap)] == ["candump", "asc", "blf", "jetdrive"]
+    pcapng = tmp_path / "e.pcapng"
+    with PcapWriter(pcapng, pcapng=True) as w:
+        w.write_udp(b"x", 1.0)
+    assert sniff_format(pcapng) == "jetdrive"
 
 
 def test_sniff_unknown_and_empty(tmp_path: Path) -> None:

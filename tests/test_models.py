@@ -41,6 +41,7 @@ from dynoai_daemon.models import (
     VEScalingPattern,
     correction_factor,
 )
+from dynoai_daemon.store.files import load_dataset, save_dataset
 
 # --------------------------------------------------------------------------- builders
 
@@ -472,8 +473,8 @@ def test_dataset_with_one_of_each_pattern_round_trips(tmp_path: Path) -> None:
     assert ds.add_patterns(s.session_id, s.patterns) == dict.fromkeys(
         ds.summary()["pattern_counts"], 1
     )
-    path = ds.save(tmp_path / "sub" / "dataset.json")
-    back = TrainingDataset.load(path)
+    path = save_dataset(ds, tmp_path / "sub" / "dataset.json")
+    back = load_dataset(path)
     assert back == ds
     assert back.knock_timing_patterns[0].knock_cells == [(7, 10, 15), (8, 11, 8)]
     on_disk = json.loads(path.read_text())
@@ -493,18 +494,18 @@ def test_dataset_with_one_of_each_pattern_round_trips(tmp_path: Path) -> None:
 def test_dataset_load_errors_name_path_and_field(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
     with pytest.raises(InputError, match=r"nope\.json"):
-        TrainingDataset.load(missing)
+        load_dataset(missing)
     broken = tmp_path / "broken.json"
     broken.write_text('{"dataset_id": "x", "sessions": [')
     with pytest.raises(InputError, match=r"broken\.json"):
-        TrainingDataset.load(broken)
+        load_dataset(broken)
     ds = TrainingDataset(dataset_id="x", sessions=[full_session()])
     data = json.loads(ds.to_json())
     data["sessions"][0]["build_config"]["displacement_ci"] = 900
     bad_file = tmp_path / "bad.json"
     bad_file.write_text(json.dumps(data))
     with pytest.raises(InputError) as info:
-        TrainingDataset.load(bad_file)
+        load_dataset(bad_file)
     assert "sessions[0].build_config.displacement_ci" in str(info.value)
     assert info.value.path == str(bad_file)
 
@@ -617,8 +618,8 @@ def test_seed_usage_workflow(tmp_path: Path) -> None:
 
     # 3. Save Training Dataset, then load it back
     path = tmp_path / "training_data" / "dataset_2025_v1.json"
-    collector.save_dataset(path)
-    loaded = TrainingDataCollector.load_dataset(path)
+    save_dataset(collector.dataset, path)
+    loaded = TrainingDataCollector.from_dataset(load_dataset(path))
     assert loaded.dataset == collector.dataset
     assert loaded.dataset.summary() == summary
 

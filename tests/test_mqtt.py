@@ -88,6 +88,8 @@ def test_topic_validation() -> None:
     assert filter_matches("run/+/cells", "run/x/cells")
     assert not filter_matches("run/+/cells", "run/x/y/cells")
     assert filter_matches("request/#", "request/run/start")
+    assert filter_matches("request/#", "request")  # '#' also matches the parent level
+    assert not filter_matches("run/+/cells", "")  # not a concrete topic: matches nothing
     assert len({s.pattern for s in TOPIC_TABLE}) == len(TOPIC_TABLE)
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from dynoai_daemon.errors import StoreError
-from dynoai_daemon.models import HeatSoakPattern, SessionPatterns, TrainingDataset, TuningSession
+from dynoai_daemon.models import HeatSoakPattern, SessionPatterns, TuningSession
 from dynoai_daemon.store import SessionStore, StoreFileError, atomic_write_json, atomic_write_text
+from dynoai_daemon.store.files import load_dataset
 from tests.test_models import full_session, region_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +223,7 @@ def test_append_to_dataset_adds_sessions_and_patterns_once(tmp_path: Path) -> No
     loaded = store.load_dataset()
     assert [s.session_id for s in loaded.sessions] == ["a-1", "tables-1"]
     assert sorted(p.source for p in loaded.ve_scaling_patterns) == ["cells", "tables"]
-    assert TrainingDataset.load(store.dataset_path) == loaded
+    assert load_dataset(store.dataset_path) == loaded
     # a new version of a session replaces the old one and its patterns
     a2 = full_session("a-1")
     a2.patterns = SessionPatterns(heat_soak=[HeatSoakPattern(ve_inflation_pct=2.0)])

@@ -1,7 +1,7 @@
 """``dynoai decode --driver NAME CAPTURE``: decode a capture offline, like ``cantools decode``.
 
 Raw bytes for serial drivers, a python-can log (candump ``.log``, ``.asc``, ``.blf``) for
-CAN drivers, a classic pcap for JetDrive. Prints canonical CSV on stdout, one row per
+CAN drivers, a pcap or pcapng for JetDrive. Prints canonical CSV on stdout, one row per
 decoded message with only that message's channels filled, and the counts of messages,
 bad frames and skipped bytes on stderr.
 """

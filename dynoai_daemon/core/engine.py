@@ -79,7 +79,7 @@ def target_from_table(map_kpa: FloatArray, tuning: TuningConfig) -> FloatArray:
     return np.interp(map_kpa, kpa, afr)
 
 
-def _segments(code: npt.NDArray[np.int8], prev: int, extra: IntArray | None = None) -> IntArray:
+def _segments(code: npt.NDArray[np.int8], extra: IntArray | None = None) -> IntArray:
     """Row indexes where ``code`` changes (row 0 always), merged with ``extra`` rows."""
     n = code.shape[0]
     if n == 0:
@@ -87,7 +87,6 @@ def _segments(code: npt.NDArray[np.int8], prev: int, extra: IntArray | None = No
     change = np.empty(n, dtype=bool)
     change[0] = True
     np.not_equal(code[1:], code[:-1], out=change[1:])
-    del prev
     starts = np.flatnonzero(change)
     if extra is not None and extra.size:
         starts = np.union1d(starts, extra)
@@ -301,7 +300,7 @@ class Core:
         code = s.astype(np.int8) | (e.astype(np.int8) << 1) | (lo.astype(np.int8) << 2)
         marker = frame.columns.get(RUN_MARKER)
         marker_rows = None if marker is None else np.flatnonzero(~np.isnan(marker))
-        starts = _segments(code, 0, marker_rows)
+        starts = _segments(code, marker_rows)
         spans: list[tuple[int, int, OpenRun]] = []
         span_from = 0
         bounds = np.append(starts, n)
@@ -373,7 +372,7 @@ class Core:
             hi.astype(np.int8) | (lo.astype(np.int8) << 1) | (rpm_ok.astype(np.int8) << 2)
             | (rpm_low.astype(np.int8) << 3)
         )  # fmt: skip
-        for a in _segments(code, 0).tolist():
+        for a in _segments(code).tolist():
             c = int(code[a])
             is_hi, is_lo, ok, low = bool(c & 1), bool(c & 2), bool(c & 4), bool(c & 8)
             d = self._decel

@@ -78,27 +78,6 @@ class Grid:
         nearest = ((r.index + (fr > 0.5)) * nm + m.index + (fm > 0.5)).astype(np.intp)
         return cells, weights, nearest, valid
 
-    def bilinear(self, rpm: FloatArray, map_kpa: FloatArray) -> tuple[IntArray, FloatArray]:
-        """Return flat cell indexes and weights for each sample's four corners.
-
-        Args:
-            rpm: engine speed per sample.
-            map_kpa: manifold pressure per sample.
-
-        Returns:
-            ``(cells, weights)``, both of shape ``(4, n)``; an unusable sample has weight
-            0 on all four corners (its cell indexes are valid but irrelevant).
-        """
-        r = axis_weights(self.rpm_axis, rpm)
-        m = axis_weights(self.map_axis, map_kpa)
-        ok = (r.valid & m.valid).astype(np.float64)
-        nm = self.shape[1]
-        base = r.index * nm + m.index
-        cells = np.stack([base, base + nm, base + 1, base + nm + 1])
-        fr, fm = r.frac, m.frac
-        weights = np.stack([(1 - fr) * (1 - fm), fr * (1 - fm), (1 - fr) * fm, fr * fm]) * ok
-        return cells, weights
-
     def nearest(self, rpm: FloatArray, map_kpa: FloatArray) -> tuple[IntArray, BoolArray]:
         """Return the flat index of the nearest cell and whether the sample is usable."""
         r = axis_weights(self.rpm_axis, rpm)

@@ -15,11 +15,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynoai_daemon.channels import Frame
+from drivers.registry import driver_class
+from dynoai_daemon.channels import Frame, samples_to_frame
 from dynoai_daemon.config import Settings
 from dynoai_daemon.core import Core, CoreEvent, RunClosed, RunDiscarded
+from dynoai_daemon.logs.readers import read_log
+from dynoai_daemon.logs.sniff import sniff_format
 from dynoai_daemon.models import TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
+from dynoai_daemon.store import SessionStore
 
 FILE_GAP_S = 10.0
 CAPTURE_FORMATS = {"candump": "can", "asc": "can", "blf": "can", "jetdrive": "udp"}
@@ -35,9 +39,6 @@ def capture_frames(path: str | Path, fmt: str, settings: Settings) -> list[Frame
     Raises:
         InputError / LogFormatError: the capture cannot be read.
     """
-    from drivers.registry import driver_class
-    from dynoai_daemon.channels import samples_to_frame
-
     kind = CAPTURE_FORMATS[fmt]
     chosen = []
     for src in settings.sources:
@@ -120,9 +121,6 @@ def replay_logs(
     Raises:
         LogFormatError: a log is malformed (names file and line).
     """
-    from dynoai_daemon.logs import read_log
-    from dynoai_daemon.store import SessionStore
-
     core = Core(grid=settings.grid, tuning=settings.tuning, station=settings.station)
     builder = builder or SessionBuilder.from_settings(settings)
     sessions = SessionStore(settings.data_dir) if store else None
@@ -131,8 +129,6 @@ def replay_logs(
     )
     offset = 0.0
     for path in paths:
-        from dynoai_daemon.logs import sniff_format
-
         resolved = sniff_format(Path(path)) if fmt == "auto" else fmt
         reader: Iterable[Frame]
         if resolved in CAPTURE_FORMATS:
@@ -179,8 +175,6 @@ class ResultSink:
 
     def handle(self, events: list[CoreEvent]) -> None:
         """Build, store and report a session for every closed run."""
-        from dynoai_daemon.store import SessionStore
-
         for ev in events:
             if isinstance(ev, RunClosed):
                 t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Guess a log file's format from its first bytes (``--format auto``).
 
-Rules, first match wins: BLF magic ``LOGG`` -> ``blf``; a pcap magic number ->
+Rules, first match wins: BLF magic ``LOGG`` -> ``blf``; a pcap or pcapng magic number ->
 ``jetdrive`` (a capture of the dyno's UDP stream); first line ``Dynojet Power Vision Log
 File`` -> ``powervision``; candump lines ``(1699999999.123456) can0 123#...`` ->
 ``candump``; Vector ``date ...`` / ``base hex`` lines -> ``asc``; a comma header starting
@@ -25,6 +25,7 @@ from dynoai_daemon.logs.winpep import find_time_column
 
 SNIFF_BYTES = 16_384
 _PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+_PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 _CANDUMP = re.compile(r"^\(\d+(\.\d+)?\)\s+\S+\s+[0-9A-Fa-f]{3,8}#")
 _ASC = re.compile(r"^(date\s|base\s+(hex|dec)\b)", re.IGNORECASE)
 
@@ -48,7 +49,7 @@ def sniff_format(path: str | Path) -> str:
         raise InputError(f"cannot read log: {exc.strerror or exc}", path=str(p)) from exc
     if head.startswith(b"LOGG"):
         return "blf"
-    if head[:4] in _PCAP_MAGICS:
+    if head[:4] in _PCAP_MAGICS or head[:4] == _PCAPNG_MAGIC:
         return "jetdrive"
     raw_lines = head.split(b"\n")
     if len(raw_lines) > 1 and len(head) == SNIFF_BYTES:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dynoai_daemon.config import Settings, TuningConfig
+from dynoai_daemon.config import Settings, TuningConfig, session_context
 from dynoai_daemon.core.grid import Grid
 from dynoai_daemon.core.runs import OpenRun
 from dynoai_daemon.models import (
@@ -130,8 +130,6 @@ class SessionBuilder:
     @classmethod
     def from_settings(cls, settings: Settings) -> SessionBuilder:
         """Return a builder for the station described by ``settings``."""
-        from dynoai_daemon.config import session_context
-
         ctx = session_context(settings)
         return cls(
             grid=Grid(settings.grid.rpm_axis, settings.grid.map_axis),

@@ -21,6 +21,7 @@ from typing import Any, Final
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dynoai_daemon.models import BuildConfiguration
 from dynoai_daemon.publish.topics import COMMANDS, Topics
 
 log = structlog.get_logger("dynoai.commands")
@@ -82,8 +83,6 @@ def validate_build(build: dict[str, Any]) -> dict[str, Any]:
     Raises:
         pydantic.ValidationError: the build is invalid.
     """
-    from dynoai_daemon.models import BuildConfiguration
-
     return BuildConfiguration.model_validate(build).model_dump(mode="json")
 
 

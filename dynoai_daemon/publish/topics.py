@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Final
 
+import aiomqtt
+
 from dynoai_daemon.errors import PublishError
 
 #: MQTT topic names are at most 65535 bytes of UTF-8 (spec 1.5.3).
@@ -62,17 +64,15 @@ DEFAULT_SPEC: Final = TopicSpec("#", retain=False, qos=1)
 
 
 def filter_matches(pattern: str, topic: str) -> bool:
-    """Tell whether an MQTT topic filter (with ``+`` and ``#``) matches a concrete topic."""
-    pat = pattern.split("/")
-    top = topic.split("/")
-    for i, p in enumerate(pat):
-        if p == "#":
-            return True
-        if i >= len(top):
-            return False
-        if p != "+" and p != top[i]:
-            return False
-    return len(pat) == len(top)
+    """Tell whether an MQTT topic filter (with ``+`` and ``#``) matches a concrete topic.
+
+    aiomqtt's ``Topic.matches`` does the matching; a string that is not a valid concrete
+    topic (empty, or holding a wildcard) matches nothing.
+    """
+    try:
+        return aiomqtt.Topic(topic).matches(pattern)
+    except ValueError:
+        return False
 
 
 def check_topic(topic: str) -> str:

@@ -26,16 +26,20 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from drivers.registry import create_driver
 from dynoai_daemon import __version__
 from dynoai_daemon.alerts import Alert, AlertEngine
 from dynoai_daemon.channels import KNOCK_CHANNELS, Frame, Sample, samples_to_frame
 from dynoai_daemon.config import Settings, load_settings, session_context
 from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
 from dynoai_daemon.core.criterion import cell_suggestion
+from dynoai_daemon.logs import read_log
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
+from dynoai_daemon.publish.mqtt import make_publisher
 from dynoai_daemon.service.arbiter import ChannelArbiter
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
+from dynoai_daemon.service.sdnotify import SdNotifier, watchdog_task
 from dynoai_daemon.service.tunepool import TunePool
 from dynoai_daemon.store import SessionStore
 
@@ -263,8 +267,6 @@ class Daemon:
 
     async def run(self) -> None:
         """Run until :meth:`request_stop`; closes the open run into a session on the way out."""
-        from dynoai_daemon.service.sdnotify import SdNotifier, watchdog_task
-
         notifier = SdNotifier()
         self.store = SessionStore(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -287,11 +289,7 @@ class Daemon:
                 installed.append(sig)
         try:
             async with asyncio.TaskGroup() as tg:
-                if pub is not None:
-                    mqtt_task = tg.create_task(pub.run(), name="mqtt")
-                    self._publish_state(pub)
-                else:
-                    mqtt_task = None
+                mqtt_task = tg.create_task(pub.run(), name="mqtt") if pub is not None else None
                 sessions_task = tg.create_task(self._sessions_loop(), name="sessions")
                 await self._publish_tune()
                 await self._recover_orphans()
@@ -357,13 +355,9 @@ class Daemon:
     def _make_publisher(self) -> Publisher | None:
         if not self.settings.mqtt.enabled:
             return None
-        from dynoai_daemon.publish.adapter import make_publisher
-
         return make_publisher(self.settings, on_request=self._on_request)
 
     def _build_drivers(self) -> dict[str, SourceState]:
-        from drivers.registry import create_driver
-
         built: dict[str, Any] = dict(self._prebuilt or {})
         if self._prebuilt is None:
             for src in self.settings.sources:
@@ -694,9 +688,6 @@ class Daemon:
     ) -> None:
         pub.publish_retained(pub.topic(suffix), payload)
 
-    def _publish_state(self, pub: Publisher) -> None:
-        del pub  # the publisher itself announces online/offline with its last will
-
     def _check_stale(self) -> None:
         now = self.clock()
         for st in self.sources.values():
@@ -754,8 +745,6 @@ class Daemon:
 
     async def _recover_orphans(self) -> None:
         """Close runs a killed daemon left in raw/ as aborted sessions."""
-        from dynoai_daemon.logs import read_log
-
         for path in orphaned_runs(self.data_dir):
             if path.stem == self.recorder.run_id:
                 continue

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from dynoai_daemon.channels import Frame, concat_frames
+from dynoai_daemon.logs import CanonicalWriter
 
 PRE_RUN_S = 2.0
 FLUSH_S = 1.0
@@ -46,8 +47,6 @@ class RawRecorder:
 
     def start(self, run_id: str) -> None:
         """Open ``raw/<run_id>.csv`` and write the pre-run history into it."""
-        from dynoai_daemon.logs import CanonicalWriter
-
         self.stop()
         self.raw_dir.mkdir(parents=True, exist_ok=True)
         writer = CanonicalWriter(self.path_for(run_id))

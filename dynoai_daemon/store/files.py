@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynoai_daemon.collector import TrainingDataCollector
 from dynoai_daemon.errors import InputError, StoreError
 from dynoai_daemon.models import SESSION_ID_PATTERN, TrainingDataset, TuningSession, format_errors
 
@@ -114,6 +115,32 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     except (TypeError, ValueError) as exc:
         raise StoreFileError(f"cannot serialise to JSON: {exc}", path=path) from exc
     return atomic_write_text(path, text)
+
+
+def save_dataset(dataset: TrainingDataset, path: str | os.PathLike[str]) -> Path:
+    """Write ``dataset`` (with its summary) to ``path`` atomically.
+
+    Raises:
+        StoreFileError: the file could not be written; the message names the path.
+    """
+    return atomic_write_text(path, dataset.to_json())
+
+
+def load_dataset(path: str | os.PathLike[str]) -> TrainingDataset:
+    """Read a dataset written by :func:`save_dataset`.
+
+    Raises:
+        InputError: missing or unreadable file, not JSON, or invalid content; the
+            message names the path and each bad field.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError("dataset file not found", path=str(p)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read dataset: {exc}", path=str(p)) from exc
+    return TrainingDataset.from_json(text, source=str(p))
 
 
 class SessionStore:
@@ -236,7 +263,7 @@ class SessionStore:
         if cached and self._cached is not None and self._cached[0] == sig:
             return self._cached[1]
         try:
-            ds = TrainingDataset.load(self.dataset_path)
+            ds = load_dataset(self.dataset_path)
         except InputError as exc:
             raise StoreFileError(str(exc.args[0]), path=self.dataset_path) from exc
         self._cached = (sig, ds) if cached else None
@@ -264,8 +291,6 @@ class SessionStore:
         Same rules as :meth:`append_to_dataset`; rewriting the file once instead of once
         per session keeps a long replay linear in its number of runs.
         """
-        from dynoai_daemon.collector import TrainingDataCollector
-
         with self._dataset_lock():
             dataset = self._read_dataset(cached=True)
             self._cached = None
@@ -294,8 +319,6 @@ class SessionStore:
             StoreFileError: the existing dataset is invalid, or the write failed (the old
                 file is then intact).
         """
-        from dynoai_daemon.collector import TrainingDataCollector
-
         with self._dataset_lock():
             # The cached dataset is mutated in place; it is kept only if the write succeeds,
             # else the next append re-reads the file that is still on disk.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from dynoai_daemon.errors import (
     InputError,
     LogFormatError,
 )
+from simulators.ports import free_port
 
 CLOCK_OFFSET = 1.0e6  # the driver clock is visibly not the bus clock
 
@@ -288,15 +288,9 @@ def test_unknown_options_go_to_the_bus() -> None:
 # --- udp_multicast between two bus objects -------------------------------------------------------
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_udp_multicast_two_buses_and_own_echo_ignored() -> None:
     group = "239.74.163.2"
-    port = _free_udp_port()
+    port = free_port("udp")
     try:
         sender = can.Bus(interface="udp_multicast", channel=group, port=port)
     except OSError as exc:  # no multicast route in this sandbox; anything else fails

@@ -1,12 +1,12 @@
 """Tests of the CAN acceptance filters (``CanDriver.can_filters`` and ``can.Bus(can_filters=...)``).
 
-The core property, checked per driver configuration over the whole 11-bit id space (and the
-29-bit ids near the protocols' ids): a frame passes the driver's filters if and only if its
-codec claims it (decodes values from it or calls it malformed). "If" means no filter ever
-drops a frame the driver decodes; "only if" means the filters are exact (tightest). The
-matcher below is written from python-can's documented rule, independent of the driver code.
-Then a real ``virtual`` bus shared by several drivers shows that each only receives its own
-frames.
+The core property, checked per driver configuration over the whole 11-bit id space in both
+widths (and the 29-bit ids near the protocols' ids): a frame passes the driver's filters if
+and only if its codec claims it (decodes values from it or calls it malformed). "If" means no
+filter ever drops a frame the driver decodes; "only if" means the filters are exact. The
+matcher below is written from python-can's documented rule, independent of the driver code,
+and checked against python-can's own. Then a real ``virtual`` bus shared by several drivers
+shows that each only receives its own frames.
 """
 
 from __future__ import annotations
@@ -55,53 +55,18 @@ def passes(drv: CanDriver, frame: CanFrame) -> bool:
     return matches(drv.can_filters(), frame[0], frame[2])
 
 
-# --- id/mask merging ------------------------------------------------------------------------------
+# --- id filters ----------------------------------------------------------------------------------
 
 
-def _matched_ids(filters: list[dict[str, Any]], ext: bool, space: range) -> set[int]:
-    return {i for i in space if matches(filters, i, ext)}
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_id_filters_are_exact_on_random_sets(seed: int) -> None:
-    rng = random.Random(seed)
-    size = rng.choice([1, 2, 3, 5, 8, 16, 40, 120, 300])
-    base = rng.randrange(0, 0x800 - 64)
-    pool = range(base, base + 64) if seed % 2 else range(0x800)
-    ids = set(rng.sample(pool, min(size, len(pool))))
-    f = id_filters(ids, extended=False)
-    assert _matched_ids(f, False, range(0x800)) == ids
-    assert not any(matches(f, i, True) for i in ids)  # 29-bit frames never match
-    assert all(0 <= x["can_mask"] <= STD_ID_MASK for x in f)
-
-
-def test_id_filters_merge_into_few_pairs() -> None:
-    assert id_filters(range(0x190, 0x194), extended=False) == [
-        {"can_id": 0x190, "can_mask": 0x7FC, "extended": False}
+def test_id_filters_are_one_exact_filter_per_id() -> None:
+    assert id_filters([0x191, 0x190, 0x190], extended=False) == [
+        {"can_id": 0x190, "can_mask": STD_ID_MASK, "extended": False},
+        {"can_id": 0x191, "can_mask": STD_ID_MASK, "extended": False},
     ]
-    assert id_filters([0x190, 0x192], extended=False) == [
-        {"can_id": 0x190, "can_mask": 0x7FD, "extended": False}
-    ]
-    assert id_filters([0x180, 0x181], extended=True) == [
-        {"can_id": 0x180, "can_mask": EXT_ID_MASK - 1, "extended": True}
-    ]
-    assert id_filters(range(0x800), extended=False) == [
-        {"can_id": 0, "can_mask": 0, "extended": False}
+    assert id_filters([0x180], extended=True) == [
+        {"can_id": 0x180, "can_mask": EXT_ID_MASK, "extended": True}
     ]
     assert id_filters([], extended=False) == []
-
-
-def test_id_filters_large_sets_use_aligned_blocks() -> None:
-    ids = set(range(0x100, 0x300)) | {0x305, 0x7FF}  # > 256 ids
-    f = id_filters(ids, extended=False)
-    assert _matched_ids(f, False, range(0x800)) == ids
-    assert len(f) == 4  # 0x100-0x1FF, 0x200-0x2FF, 0x305 and 0x7FF
-    big = set(range(0x18DA0000, 0x18DA0000 + 1000, 3))
-    fb = id_filters(big, extended=True)
-    assert _matched_ids(fb, True, range(0x18DA0000 - 8, 0x18DA0000 + 1010)) == big
-
-
-def test_id_filters_reject_ids_out_of_range() -> None:
     with pytest.raises(ValueError):
         id_filters([0x800], extended=False)
     with pytest.raises(ValueError):
@@ -113,17 +78,17 @@ def test_frame_filters_split_widths_and_fall_back_to_everything() -> None:
     assert f is not None and len(f) == 2
     assert matches(f, 0x123, False) and matches(f, 0x123, True)
     assert frame_filters([]) is None  # an empty list would mean "everything" to python-can
-    # even-parity ids differ in >= 2 bits pairwise: nothing merges, 1024 filters needed
-    even = [(i, False) for i in range(0x800) if bin(i).count("1") % 2 == 0]
-    assert frame_filters(even) is None
-    assert len(frame_filters(even[: MAX_FILTERS - 1]) or []) == MAX_FILTERS - 1
+    ids = [(i, False) for i in range(MAX_FILTERS + 1)]
+    assert frame_filters(ids) is None  # more than a socket takes: filter nothing
+    assert len(frame_filters(ids[:MAX_FILTERS]) or []) == MAX_FILTERS
 
 
 def test_filters_match_agrees_with_python_can() -> None:
     """Our matcher, the one in can_base and python-can's own BusABC filtering agree."""
     rng = random.Random(7)
-    filters = id_filters([0x5F0, 0x5F1, 0x5F2, 0x5F3, 0x5F6, 0x624], extended=False)
+    filters = id_filters([0x5F0, 0x5F1, 0x5F6, 0x624], extended=False)
     filters += id_filters([0x180, 0x181, 0x1F], extended=True)
+    filters += obd2.Obd2Driver().can_filters()  # a hand-written mask filter
     bus = can.Bus(interface="virtual", channel=f"flt-{uuid.uuid4().hex}", can_filters=filters)
     try:
         cases = [(i, False) for i in range(0x800)] + [(i, True) for i in range(0x800)]
@@ -232,7 +197,7 @@ def test_filters_pass_exactly_the_frames_the_codec_decodes(
     drv = factory()
     filters = drv.can_filters()
     assert filters, f"{name}: no filters"
-    assert len(filters) <= 6, f"{name}: {len(filters)} filters, expected a few merged pairs"
+    assert len(filters) <= MAX_FILTERS, f"{name}: {len(filters)} filters"
     for f in filters:
         assert set(f) == {"can_id", "can_mask", "extended"}
         full = EXT_ID_MASK if f["extended"] else STD_ID_MASK
@@ -247,107 +212,6 @@ def test_filters_pass_exactly_the_frames_the_codec_decodes(
         hex(a) for a, e in domain if matches(filters, a, e) and not claims(drv, a, e, payloads)
     ]
     assert not extra, f"{name}: filters pass frames the codec does not want {extra}"
-
-
-def _ms_frames(base_id: int = megasquirt.DEFAULT_BASE_ID) -> list[CanFrame]:
-    return [
-        *megasquirt.encode_signals(
-            {"rpm": 3000, "map": 90, "tps": 40, "afr1": 13.0, "advance": 25, "knock_retard": 1},
-            base_id=base_id,
-        ),
-        *(megasquirt.encode_group(g, {}, base_id=base_id) for g in megasquirt.GROUPS),
-    ]
-
-
-def _aem_frames() -> list[CanFrame]:
-    return [aemnet.encode(i, 0.9) for i in range(aemnet.MAX_CONTROLLERS)] + [
-        aemnet.encode_four_channel([0.9, 1.0])
-    ]
-
-
-def _wbo_frames() -> list[CanFrame]:
-    return [
-        f
-        for i in range(rusefi_wbo.MAX_CONTROLLERS)
-        for f in (rusefi_wbo.encode(i, 1.0), rusefi_wbo.encode_diag(i))
-    ]
-
-
-def _rusefi_frames(**kw: Any) -> list[CanFrame]:
-    return [rusefi.encode(o, {}, **kw) for o in rusefi.OFFSETS]
-
-
-def _obd_frames(extended: bool) -> list[CanFrame]:
-    ecus = range(256) if extended else range(8)
-    return [
-        obd2.encode_response(pid, 50.0, ecu=e, extended=extended) for pid in obd2.PIDS for e in ecus
-    ]
-
-
-def _obd_requests() -> list[CanFrame]:
-    return [obd2.encode_request(p, extended=x) for p in obd2.PIDS for x in (False, True)]
-
-
-def _decoded(drv: CanDriver, frame: CanFrame) -> bool:
-    try:
-        return bool(drv.codec.decode(*frame))
-    except ProtocolError:
-        return True
-
-
-def test_encoded_frames_pass_their_driver_and_foreign_ones_do_not() -> None:
-    ms = megasquirt.MegasquirtDriver(passthrough=True)
-    for f in _ms_frames():
-        assert passes(ms, f), hex(f[0])
-    ms_default = megasquirt.MegasquirtDriver()
-    for f in megasquirt.encode_signals({"rpm": 1, "map": 1, "tps": 1, "advance": 1, "batt": 12}):
-        assert passes(ms_default, f), hex(f[0])
-    ms600 = megasquirt.MegasquirtDriver(base_id=0x600, passthrough=True)
-    assert all(passes(ms600, f) for f in _ms_frames(0x600))
-    assert not any(passes(ms600, f) for f in _ms_frames())  # default base id: foreign now
-
-    aem = aemnet.AemNetDriver()
-    assert passes(aem, aemnet.encode(0, 1.0)) and passes(aem, aemnet.encode(1, 1.0))
-    assert not passes(aem, aemnet.encode(2, 1.0))  # index 2 is not mapped
-    assert not passes(aem, aemnet.encode_four_channel([1.0]))  # 30-2340 not enabled
-    aem_all = aemnet.AemNetDriver(channel_map={str(i): f"a{i}" for i in range(16)})
-    assert aem_all.can_filters() == [
-        {"can_id": 0x180, "can_mask": EXT_ID_MASK & ~0xF, "extended": True}
-    ]
-    assert all(passes(aem_all, f) for f in _aem_frames()[:16])
-
-    wbo = rusefi_wbo.RusefiWboDriver(channel_map={str(i): f"w{i}" for i in range(16)})
-    assert all(passes(wbo, f) and _decoded(wbo, f) for f in _wbo_frames())
-
-    ru = rusefi.RusefiDriver()
-    assert all(passes(ru, f) for f in _rusefi_frames())
-    hal = haltech.HaltechDriver()
-    assert passes(hal, haltech.encode(3000, 90, 50))
-
-    o11, o29 = obd2.Obd2Driver(), obd2.Obd2Driver(extended=True)
-    assert all(passes(o11, f) for f in _obd_frames(False))
-    assert all(passes(o29, f) for f in _obd_frames(True))
-    assert not any(passes(o11, f) for f in _obd_frames(True))
-    assert not any(passes(o29, f) for f in _obd_frames(False))
-
-    everyone: dict[str, tuple[CanDriver, list[CanFrame]]] = {
-        "megasquirt": (ms, _ms_frames()),
-        "aemnet": (aemnet.AemNetDriver(four_channel=True, channel_map={"0": "a"}), _aem_frames()),
-        "rusefi_wbo": (wbo, _wbo_frames()),
-        "rusefi": (ru, _rusefi_frames()),
-        "haltech": (hal, [haltech.encode(3000, 90, 50)]),
-        "obd2": (o11, _obd_frames(False)),
-        "obd2_29": (o29, _obd_frames(True)),
-    }
-    requests = _obd_requests()
-    for name, (drv, _) in everyone.items():
-        for f in requests:  # OBD requests (0x7DF, 0x18DB33F1) are nobody's data
-            assert not passes(drv, f), (name, hex(f[0]))
-        for other, (_, frames) in everyone.items():
-            if other == name or {name, other} <= {"obd2", "obd2_29"}:
-                continue
-            leaked = [hex(f[0]) for f in frames if passes(drv, f)]
-            assert not leaked, f"{other} frames pass the {name} filters: {leaked}"
 
 
 # --- where the filters go -----------------------------------------------------------------------

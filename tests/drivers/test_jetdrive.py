@@ -21,14 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.jetdrive import (
-    RUN_CANCEL,
-    RUN_MARKER,
-    JetDriveDriver,
-    JetDriveProvider,
-    JetDriveReceiver,
-    random_host_id,
-)
+from drivers.jetdrive import JetDriveDriver, random_host_id
 from drivers.jetdrive_codec import (
     ChannelDef,
     ChannelInfo,
@@ -47,8 +40,11 @@ from drivers.jetdrive_codec import (
     decode_header,
     encode_message,
 )
+from drivers.jetdrive_receiver import RUN_CANCEL, RUN_MARKER, JetDriveReceiver
 from drivers.pcap import PcapWriter, ipv4_udp
 from dynoai_daemon.errors import ConfigError, DriverOpenError, ProtocolError
+from simulators.jetdrive_provider import JetDriveProvider
+from simulators.ports import free_port
 
 DYNO = 0x1234
 HOST = 0x0BCD
@@ -511,12 +507,6 @@ def test_values_round_trip(recs: list[tuple[int, int, float]]) -> None:
 # --- real UDP on loopback -------------------------------------------------------------------
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def loopback_multicast_works(group: str, port: int) -> bool:
     """Probe: can a socket joined on 127.0.0.1 receive a group datagram sent out of lo?"""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -571,7 +561,7 @@ MC_GROUP = "224.0.2.10"
 
 
 async def test_multicast_loopback_provider_and_driver() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     if not loopback_multicast_works(MC_GROUP, port):
         pytest.skip("multicast is not delivered on loopback here (the unicast tests cover it)")
     prov = JetDriveProvider(name="Dyno", channels=[("RPM", 8), ("Torque", 5)], host_id=DYNO)
@@ -632,7 +622,7 @@ async def test_multicast_loopback_provider_and_driver() -> None:
 
 
 async def test_unicast_mode_with_peer() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     opened = asyncio.Event()
     prov = JetDriveProvider(name="Dyno", channels=[("Engine RPM", 8), ("Power", 4)], host_id=DYNO)
     await prov.start(group="127.0.0.1", target=("127.0.0.1", port), interface_address="127.0.0.1")
@@ -664,7 +654,7 @@ async def test_unicast_mode_with_peer() -> None:
 
 
 async def test_unicast_fallback_when_join_fails() -> None:
-    port = free_udp_port()
+    port = free_port("udp")
     # 203.0.113.7 (TEST-NET-3) is no interface of this host: the kernel refuses the join
     # with ENODEV before anything is sent, a real failure rather than a mock.
     drv = JetDriveDriver(
@@ -698,7 +688,7 @@ async def test_unicast_fallback_when_join_fails() -> None:
 async def test_open_fails_without_fallback() -> None:
     drv = JetDriveDriver(
         group=MC_GROUP,
-        port=free_udp_port(),
+        port=free_port("udp"),
         interface_address="203.0.113.7",
         unicast_fallback=False,
         reconnect=False,
@@ -744,3 +734,13 @@ def test_decode_capture(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert stats.extra["pcap_fragments"] == 1
     assert stats.extra["pcap_truncated_records"] == 1
     assert stats.extra["unknown_channel_values"] == 1 and stats.extra["held_values"] == 0
+
+
+def test_decode_capture_reads_pcapng(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "dyno.pcapng"
+    with PcapWriter(path, pcapng=True) as w:
+        w.write_udp(dyno_info(seq=0), 10.0)
+        w.write_udp(values_msg([(0, 1000, 3000.0)], seq=1), 10.5)
+    samples, stats = JetDriveDriver.decode_capture(path, source="cap")
+    assert [(s.t, s.channel, s.value) for s in samples] == [(10.5, "rpm", 3000.0)]
+    assert stats.extra["pcap_records"] == 2 and stats.extra["pcap_truncated_records"] == 0
