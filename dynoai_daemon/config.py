@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -118,6 +118,16 @@ class TuningConfig(_Section):
         return self
 
 
+class ReplayConfig(_Section):
+    """``[replay]``: how recorded logs are read.
+
+    ``temp_unit``: the unit of temperature columns that a log leaves without a unit;
+    ``auto`` decides per log from the firmware its title names and the coolant values.
+    """
+
+    temp_unit: Literal["auto", "C", "F"] = "auto"
+
+
 class AlertConfig(_Section):
     """Live alert limits (see tuning.md, Live alerts)."""
 
@@ -202,6 +212,7 @@ class Settings(BaseSettings):
     grid: GridConfig = GridConfig()
     tuning: TuningConfig = TuningConfig()
     alerts: AlertConfig = AlertConfig()
+    replay: ReplayConfig = ReplayConfig()
     build: dict[str, Any] | None = None
     conditions: dict[str, Any] | None = None
     dyno: dict[str, Any] | None = None

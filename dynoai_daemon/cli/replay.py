@@ -8,7 +8,10 @@ from typing import Any
 
 from dynoai_daemon.cli.common import add_config_args, is_tty, settings_from_args
 
-FORMATS = ("auto", "canonical", "powervision", "winpep", "msl", "candump", "asc", "blf", "jetdrive")
+FORMATS = (
+    "auto", "canonical", "powervision", "winpep", "msl", "mlg", "csv",
+    "candump", "asc", "blf", "trc", "jetdrive",
+)  # fmt: skip
 
 
 def add_parser(sub: Any) -> None:
@@ -18,6 +21,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("logs", nargs="+", metavar="LOG")
     p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument(
+        "--temp-unit",
+        choices=("C", "F"),
+        default=None,
+        help="unit of temperature columns the log leaves blank (default: decided per log)",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="CHANNEL=COLUMN[:UNIT],...",
+        default=None,
+        help="column map of a delimited log (implies --format csv), e.g. rpm=RPM,map_kpa=MAP:bar",
+    )
     add_config_args(p)
     p.add_argument("--speed", type=float, default=None, help="pace: 1 = real time")
     p.add_argument("--publish", action="store_true", help="publish to MQTT as the daemon would")
@@ -48,13 +63,56 @@ def summary_line(session: Any) -> str:
     )
 
 
+def file_lines(rep: Any, tuning: Any) -> list[str]:
+    """The per-file summary: format, capture time, decisions, drops, runs and gates."""
+    lines = [
+        f"{rep.path}: format {rep.format or '?'}, {rep.rows} rows, "
+        f"{rep.runs} run(s) ({rep.discarded_runs} short), {len(rep.sessions)} session(s), "
+        f"{rep.cells} cell-cylinders learned, {rep.seconds:.2f} s"
+        + (
+            f"; captured {rep.capture_utc:%Y-%m-%dT%H:%M:%SZ} ({rep.capture_from})"
+            if rep.capture_utc is not None
+            else ""
+        )
+    ]
+    for note in rep.notes:
+        lines.append(f"  decided: {note}")
+    if rep.markers:
+        lines.append(f"  markers: {rep.markers} (kept as run hints; runs follow rpm/throttle)")
+    if rep.dropped:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(rep.dropped.items()))
+        lines.append(f"  dropped as implausible: {parts}")
+    for run_id, gates in rep.rejected.items():
+        cells = rep.run_cells.get(run_id)
+        head = f"  {run_id}: " + ("session failed" if cells is None else f"{cells} cells")
+        if not gates:
+            lines.append(head + ", no AFR reading in the run")
+            continue
+        gate, n = max(gates.items(), key=lambda kv: kv[1])
+        lines.append(f"{head}, most readings rejected by {gate} ({n} of {sum(gates.values())})")
+    if rep.runs == 0 and rep.rows:
+        lines.append(
+            f"  no run: rpm never above {tuning.run_start_rpm:g} with throttle above "
+            f"{tuning.run_start_tps:g} % ({rep.outside_runs} AFR readings outside runs)"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    """Replay the logs; exit 2 on a malformed log (``error: file:line: what``)."""
+    """Replay the logs; exit 2 when a log or a run's session failed (after writing the rest).
+
+    Errors read ``error: file:line: what`` (a malformed log) or ``error: <file>: run <id>:
+    <what>`` (a session that failed validation).
+    """
     from dynoai_daemon.errors import InputError
+    from dynoai_daemon.logs.delimited import parse_column_map
     from dynoai_daemon.logs.replay import replay_logs
 
     if args.speed is not None and args.speed <= 0:
         raise InputError("--speed must be positive")
+    columns = parse_column_map(args.columns) if args.columns else None
+    if columns is not None and args.format not in ("auto", "csv"):
+        raise InputError(f"--columns needs --format csv (not {args.format})")
     if args.publish:
         return _replay_publish(args)
     settings = settings_from_args(args)
@@ -66,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress(transient=True)
         progress.start()
         task = progress.add_task("replaying", total=None)
+
+    def on_file(rep: Any) -> None:
+        for line in file_lines(rep, settings.tuning):
+            print(line, flush=True)
+
     try:
         result = replay_logs(
             args.logs,
@@ -75,17 +138,26 @@ def run(args: argparse.Namespace) -> int:
             store=not args.no_store,
             on_session=lambda s: print(summary_line(s), flush=True),
             on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+            columns=columns,
+            temp_unit=args.temp_unit,
+            on_file=on_file,
         )
     finally:
         if progress is not None:
             progress.stop()
+    stored = ""
+    if not args.no_store:
+        new = len(result.sessions) - result.already_stored
+        stored = f"; written under {settings.data_dir} ({new} new in the dataset"
+        stored += f", {result.already_stored} already there)" if result.already_stored else ")"
     print(
         f"{result.rows} rows from {result.files} file(s): {len(result.sessions)} session(s), "
-        f"{result.discarded_runs} short run(s) discarded"
-        + (f"; written under {settings.data_dir}" if not args.no_store else ""),
+        f"{result.discarded_runs} short run(s) discarded" + stored,
         file=sys.stderr,
     )
-    return 0
+    for err in result.errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 2 if result.errors else 0
 
 
 def _replay_publish(args: argparse.Namespace) -> int:
