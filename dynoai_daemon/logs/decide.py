@@ -94,7 +94,11 @@ class DecidedLog:
     def _decide(self, first: Frame) -> None:
         d = self.decisions
         r = self.reader
-        blank = [c for c in TEMP_CHANNELS if c in first.columns and not r.source_units.get(c)]
+        if r.format == "canonical":
+            return  # the project's own log: canonical units by definition
+        blank = [
+            c for c in TEMP_CHANNELS if c in first.columns and r.source_units.get(c, None) == ""
+        ]
         if blank:
             unit, why = self._temp_unit(first, r.title)
             d.temp_unit = unit

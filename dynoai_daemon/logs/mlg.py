@@ -257,6 +257,7 @@ class MlgReader(LogReader):
         self.crc_errors = 0
         self.skipped_bytes = 0
         self.restarts = 0
+        self._pending_marks: list[tuple[int, str]] = []
         fields = self.header.fields
         self.time_index: int | None = None
         self.time_scale = 1.0
@@ -349,6 +350,19 @@ class MlgReader(LogReader):
                 return q
         return None if not eof else len(buf)
 
+    def records(self) -> Iterator[npt.NDArray[np.void]]:
+        """Yield the raw records chunk by chunk (fields ``f0``, ``f1``... in header order).
+
+        Records with a wrong check byte are left out (and counted); pass a chunk and a
+        field index to :meth:`values` for the field's scaled values.
+        """
+        self.crc_errors = 0
+        self.skipped_bytes = 0
+        self._pending_marks = []
+        with self.path.open("rb") as fh:
+            for blocks in self._read_blocks(fh):
+                yield blocks.records
+
     def values(self, rec: npt.NDArray[np.void], i: int) -> FloatArray:
         """Field ``i`` of decoded records as float64, scaled: ``(raw + transform) x scale``."""
         f = self.header.fields[i]
@@ -364,7 +378,7 @@ class MlgReader(LogReader):
         self.crc_errors = 0
         self.skipped_bytes = 0
         self.restarts = 0
-        self._pending_marks: list[tuple[int, str]] = []
+        self._pending_marks = []
         last_t = -np.inf
         shift = 0.0
         stamp_base = 0
