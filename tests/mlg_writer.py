@@ -46,7 +46,12 @@ class Field:
             return float(value)
         if self.type >= 10:
             return int(value)
-        return int(round(value / self.scale - self.transform))
+        return round(value / self.scale - self.transform)
+
+
+SPEEDUINO_INFO = (
+    '"speeduino 202207: Speeduino 202207.1"\n"Capture Date: Sun Nov 13 10:56:01 CET 2022"\n'
+)
 
 
 def _pad(text: str, n: int) -> bytes:
@@ -62,7 +67,7 @@ def write_mlg(
     version: int = 1,
     stamps: Sequence[int] | None = None,
     markers: Sequence[tuple[int, str]] = (),
-    info: str = '"speeduino 202207: Speeduino 202207.1"\n"Capture Date: Sun Nov 13 10:56:01 CET 2022"\n',
+    info: str = SPEEDUINO_INFO,
     timestamp: int = 1668333361,
     corrupt_rows: Sequence[int] = (),
     garbage_after: Sequence[int] = (),

@@ -32,7 +32,21 @@ ALL_TYPES = [
     Field("Flags16", 11, "bits", bits=12),
     Field("Flags32", 12, "bits", bits=20),
 ]
-ROW = [0.0, 3000.0, 85.5, 40.5, 90.0, 30.0, 4_000_000_000.0, -5.0, -(2**40), 13.25, 5.0, 4095.0, 1 << 19]
+ROW = [
+    0.0,
+    3000.0,
+    85.5,
+    40.5,
+    90.0,
+    30.0,
+    4_000_000_000.0,
+    -5.0,
+    -(2**40),
+    13.25,
+    5.0,
+    4095.0,
+    1 << 19,
+]
 
 
 def rows(n: int) -> list[list[float]]:
@@ -110,7 +124,9 @@ def test_chunk_size_does_not_change_the_data(tmp_path: Path) -> None:
     small = list(MlgReader(path, chunk_rows=7))
     assert len(big) == 1 and len(small) > 5
     for ch in big[0].columns:
-        assert np.concatenate([f.columns[ch] for f in small]).tolist() == big[0].columns[ch].tolist()
+        assert (
+            np.concatenate([f.columns[ch] for f in small]).tolist() == big[0].columns[ch].tolist()
+        )
 
 
 def test_time_base_restart_continues_forward(tmp_path: Path) -> None:
@@ -128,7 +144,9 @@ def test_time_base_restart_continues_forward(tmp_path: Path) -> None:
         (b"MLVLG\x00\x00\x01\x00", "cut short"),
     ],
 )
-def test_bad_headers_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], blob: bytes, what: str) -> None:
+def test_bad_headers_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], blob: bytes, what: str
+) -> None:
     p = tmp_path / "bad.mlg"
     p.write_bytes(blob)
     rc = main(["replay", str(p), "--data-dir", str(tmp_path / "d")])
@@ -176,7 +194,9 @@ def test_mlg_learns_like_the_canonical_log(tmp_path: Path, version: int) -> None
     assert max(abs(ea[k] - eb[k]) for k in ea) < 0.2
 
 
-def test_replaying_an_mlg_twice_adds_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replaying_an_mlg_twice_adds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     frame, _, _ = _synth()
     mlg = frame_to_mlg(tmp_path / "twice.mlg", frame)
     data = tmp_path / "data"
