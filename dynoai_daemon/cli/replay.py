@@ -166,11 +166,15 @@ def _replay_publish(args: argparse.Namespace) -> int:
     import time
 
     from dynoai_daemon.channels import Frame
-    from dynoai_daemon.logs import read_log, sniff_format
-    from dynoai_daemon.logs.replay import CAPTURE_FORMATS, FILE_GAP_S, capture_frames
+    from dynoai_daemon.logs.delimited import parse_column_map
+    from dynoai_daemon.logs.replay import FILE_GAP_S, open_log
     from dynoai_daemon.service.daemon import Daemon
 
     settings = settings_from_args(args)
+    columns = parse_column_map(args.columns) if args.columns else None
+    temp_unit = args.temp_unit or (
+        None if settings.replay.temp_unit == "auto" else settings.replay.temp_unit
+    )
 
     async def go() -> int:
         daemon = Daemon(
@@ -182,12 +186,8 @@ def _replay_publish(args: argparse.Namespace) -> int:
         last = -float("inf")
         rows = 0
         for path in args.logs:
-            fmt = sniff_format(path) if args.format == "auto" else args.format
-            frames: Any = (
-                capture_frames(path, fmt, settings)
-                if fmt in CAPTURE_FORMATS
-                else read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
-            )
+            # Units decided and implausible values blanked, as in a stored replay.
+            frames = open_log(path, settings, args.format, columns=columns, temp_unit=temp_unit)
             first = True
             wall0 = time.monotonic()
             for frame in frames:
