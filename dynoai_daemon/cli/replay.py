@@ -77,6 +77,8 @@ def file_lines(rep: Any, tuning: Any) -> list[str]:
     ]
     for note in rep.notes:
         lines.append(f"  decided: {note}")
+    for note in rep.info:
+        lines.append(f"  note: {note}")
     if rep.markers:
         lines.append(f"  markers: {rep.markers} (kept as run hints; runs follow rpm/throttle)")
     if rep.dropped:
@@ -86,7 +88,7 @@ def file_lines(rep: Any, tuning: Any) -> list[str]:
         cells = rep.run_cells.get(run_id)
         head = f"  {run_id}: " + ("session failed" if cells is None else f"{cells} cells")
         if not gates:
-            lines.append(head + ", no AFR reading in the run")
+            lines.append(head + (", every AFR reading passed" if cells else ", no AFR reading"))
             continue
         gate, n = max(gates.items(), key=lambda kv: kv[1])
         lines.append(f"{head}, most readings rejected by {gate} ({n} of {sum(gates.values())})")

@@ -41,14 +41,25 @@ from dynoai_daemon.patterns.session import SessionBuilder
 
 FILE_GAP_S = 10.0
 CAPTURE_FORMATS = {"candump": "can", "asc": "can", "blf": "can", "trc": "can", "jetdrive": "udp"}
+#: Driver counters worth a line in the replay summary of a capture.
+CAPTURE_NOTES = frozenset({"lambda_invalid", "lambda_no_reading", "sensor_fault"})
 DEFAULT_CAPTURE_DRIVERS = {"can": ("megasquirt", "aemnet"), "udp": ("jetdrive",)}
 
 
-def capture_frames(path: str | Path, fmt: str, settings: Settings) -> list[Frame]:
+def capture_frames(
+    path: str | Path, fmt: str, settings: Settings, notes: list[str] | None = None
+) -> list[Frame]:
     """Decode a CAN log or JetDrive pcap with the drivers' own codecs into one frame.
 
     The CAN (or UDP) sources of the config say which drivers decode the capture, with
     their options; without any, MegaSquirt + AEMnet (CAN) or JetDrive (pcap) are used.
+
+    Args:
+        path: the capture.
+        fmt: its format (a key of CAPTURE_FORMATS).
+        settings: the station's sources.
+        notes: when given, one line per driver that decoded anything (with its
+            invalid-reading counters) is appended.
 
     Raises:
         InputError / LogFormatError: the capture cannot be read.
@@ -69,8 +80,12 @@ def capture_frames(path: str | Path, fmt: str, settings: Settings) -> list[Frame
         decode: Any = getattr(cls, "decode_capture", None)
         if decode is None:
             raise InputError(f"driver {cls.name!r} cannot decode captures", path=str(path))
-        decoded, _ = decode(path, **options)
+        decoded, stats = decode(path, **options)
         samples.extend(decoded)
+        if notes is not None and stats.messages:
+            counts = {k: v for k, v in sorted(stats.extra.items()) if v and k in CAPTURE_NOTES}
+            said = ", ".join(f"{k} {v}" for k, v in counts.items())
+            notes.append(f"{cls.name}: {stats.messages} messages" + (f" ({said})" if said else ""))
     frame = samples_to_frame(samples)
     return [frame] if len(frame) else []
 
@@ -89,7 +104,10 @@ class FileReport:
     capture_utc: datetime | None = None
     capture_from: str = ""
     rows: int = 0
+    #: what was decided about the log's units and columns (``decided:`` lines)
     notes: list[str] = field(default_factory=list)
+    #: other things worth saying: reader warnings, capture decoders, corrupt records
+    info: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     runs: int = 0
     discarded_runs: int = 0
@@ -205,7 +223,7 @@ def open_log(
     resolved = sniff_format(p) if fmt == "auto" else fmt
     rep.format = resolved
     if resolved in CAPTURE_FORMATS:
-        return _ScreenedCapture(capture_frames(p, resolved, settings), rep)
+        return _ScreenedCapture(capture_frames(p, resolved, settings, rep.info), rep)
     stoich = settings.tuning.stoich_afr
     if resolved == "csv":
         if not p.is_file():
@@ -215,7 +233,7 @@ def open_log(
         reader = read_log(p, format=resolved, stoich=stoich)
     if reader.capture_utc is not None:
         rep.capture_utc, rep.capture_from = reader.capture_utc, "log header"
-    rep.notes.extend(reader.warnings)
+    rep.info.extend(reader.warnings)
     return _DecidedFrames(DecidedLog(reader, temp_unit=temp_unit, stoich=stoich), rep)
 
 
@@ -233,7 +251,7 @@ class _DecidedFrames:
         for attr in ("crc_errors", "skipped_bytes", "restarts"):
             n = getattr(self.log.reader, attr, 0)
             if n:
-                self.report.notes.append(f"{attr.replace('_', ' ')}: {n}")
+                self.report.info.append(f"{attr.replace('_', ' ')}: {n}")
 
 
 @dataclass
