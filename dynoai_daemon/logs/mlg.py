@@ -292,23 +292,28 @@ class MlgReader(LogReader):
         want = min(want, 16 << 20)
         fh.seek(hdr.data_start)
         carry = b""
-        base = hdr.data_start
         eof = False
         while not eof:
             more = fh.read(want)
             eof = len(more) < want
             buf = carry + more
             n = len(buf)
-            offs: list[int] = []
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            runs: list[tuple[int, int]] = []  # (offset, count) of back-to-back records
             marks: list[tuple[int, str]] = []
             p = 0
             while p + BLOCK_HEADER <= n:
                 kind = buf[p]
                 if kind == 0:
-                    if p + blk > n:
+                    fit = (n - p) // blk
+                    if fit == 0:
                         break
-                    offs.append(p)
-                    p += blk
+                    # Records follow each other at a fixed stride until a marker (or
+                    # damage) breaks the pattern: find that point in one numpy step.
+                    breaks = np.flatnonzero(arr[p : p + fit * blk : blk])
+                    k = int(breaks[0]) if breaks.size else fit
+                    runs.append((p, k))
+                    p += k * blk
                 elif kind == 1:
                     if p + BLOCK_HEADER + MARKER_LEN > n:
                         break
@@ -325,21 +330,18 @@ class MlgReader(LogReader):
                 self.skipped_bytes += n - p  # a cut-short last block
                 p = n
             carry = buf[p:]
-            base += p
             self._pending_marks.extend(marks)
-            arr = np.frombuffer(buf, dtype=np.uint8)
-            if offs:
-                o = np.asarray(offs, dtype=np.intp)
-                raw = arr[o[:, None] + np.arange(BLOCK_HEADER, BLOCK_HEADER + rl)]
-                good = (raw.sum(axis=1, dtype=np.int64) & 0xFF) == arr[o + BLOCK_HEADER + rl]
+            if runs:
+                mats = [arr[a : a + k * blk].reshape(k, blk) for a, k in runs]
+                mat = mats[0] if len(mats) == 1 else np.concatenate(mats)
+                raw = mat[:, BLOCK_HEADER : BLOCK_HEADER + rl]
+                good = (raw.sum(axis=1, dtype=np.int64) & 0xFF) == mat[:, BLOCK_HEADER + rl]
                 nbad = int(np.count_nonzero(~good))
                 if nbad:
                     self.crc_errors += nbad
-                    raw, o = raw[good], o[good]
-                stamps = (arr[o + 2].astype(np.int64) << 8) | arr[o + 3]
+                    mat, raw = mat[good], raw[good]
+                stamps = (mat[:, 2].astype(np.int64) << 8) | mat[:, 3]
                 yield Blocks(stamps, np.ascontiguousarray(raw).view(self._dtype).reshape(-1))
-            if not offs and not marks and eof:
-                break
 
     def _resync(self, buf: bytes, start: int, eof: bool) -> int | None:
         """Offset of the next record block whose check byte is right, or None."""
