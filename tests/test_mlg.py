@@ -210,3 +210,18 @@ def test_replaying_an_mlg_twice_adds_nothing(
     assert ids and ids == [s["session_id"] for s in second["sessions"]]
     assert all("-20221113T" in i for i in ids)  # from the header's capture time
     assert "already there" not in out1.err and f"{len(ids)} already there" in out2.err
+
+
+def test_all_records_corrupt_or_cut_short_never_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write_mlg(tmp_path / "bad.mlg", ALL_TYPES, rows(10), corrupt_rows=range(10))
+    r = MlgReader(bad)
+    assert list(r) == [] and r.crc_errors == 10
+    cut = write_mlg(tmp_path / "cut.mlg", ALL_TYPES, rows(10))
+    cut.write_bytes(cut.read_bytes()[:-30])
+    r = MlgReader(cut)
+    assert sum(len(f) for f in r) == 9 and r.skipped_bytes > 0
+    assert main(["replay", str(bad), str(cut), "--no-store"]) == 0
+    out = capsys.readouterr().out
+    assert "note: crc errors: 10" in out and "note: skipped bytes:" in out

@@ -387,36 +387,36 @@ class MlgReader(LogReader):
         last_stamp = -1
         with self.path.open("rb") as fh:
             for blocks in self._read_blocks(fh):
-                # Block timestamps unwrapped over 16 bits: marker times are placed with them.
                 st = blocks.stamps
-                wraps = np.cumsum(np.diff(st, prepend=last_stamp if last_stamp >= 0 else st[0]) < 0)
+                if not st.size:
+                    continue  # every record of the chunk failed its check byte
+                # Block timestamps (10 us, 16 bits) unwrapped over their rollover.
+                prev = last_stamp if last_stamp >= 0 else int(st[0])
+                wraps = np.cumsum(np.diff(st, prepend=prev) < 0)
                 unwrapped = (st + (stamp_base + wraps * 65536)).astype(np.float64) * TIMESTAMP_S
-                if st.size:
-                    stamp_base += int(wraps[-1]) * 65536
-                    last_stamp = int(st[-1])
+                stamp_base += int(wraps[-1]) * 65536
+                last_stamp = int(st[-1])
                 if self.time_index is None:
                     t = unwrapped
                 else:
                     t = self.values(blocks.records, self.time_index) * self.time_scale
+                keep = np.isfinite(t)
+                if not keep.all():
+                    t, st = t[keep], st[keep]
+                    blocks = Blocks(st, blocks.records[keep])
+                    if not t.size:
+                        continue
                 t = t + shift
-                if t.size:
-                    back = np.flatnonzero(np.diff(t, prepend=last_t) < 0)
-                    for b in back.tolist():
-                        prev = last_t if b == 0 else float(t[b - 1])
-                        add = prev + RESTART_GAP_S - float(t[b])
-                        t[b:] += add
-                        shift += add
-                        self.restarts += 1
-                    bad = ~np.isfinite(t)
-                    if bad.any():
-                        keep = ~bad
-                        t = t[keep]
-                        blocks = Blocks(blocks.stamps[keep], blocks.records[keep])
-                        unwrapped = unwrapped[keep]
-                    if t.size:
-                        last_t = float(t[-1])
+                # A time base that starts over (a reconnect) is continued forward.
+                for b in np.flatnonzero(np.diff(t, prepend=last_t) < 0).tolist():
+                    before = last_t if b == 0 else float(t[b - 1])
+                    add = before + RESTART_GAP_S - float(t[b])
+                    t[b:] += add
+                    shift += add
+                    self.restarts += 1
+                last_t = float(t[-1])
                 for stamp, text in self._pending_marks:
-                    self.marker_list.append((self._marker_time(stamp, st, unwrapped, t), text))
+                    self.marker_list.append((self._marker_time(stamp, st, t), text))
                 self._pending_marks = []
                 cols: dict[str, FloatArray] = {}
                 for i, outs in enumerate(self.outputs):
@@ -434,14 +434,9 @@ class MlgReader(LogReader):
             self.marker_list.append((last_t if np.isfinite(last_t) else 0.0, text))
 
     @staticmethod
-    def _marker_time(
-        stamp: int, stamps: npt.NDArray[np.int64], unwrapped: FloatArray, t: FloatArray
-    ) -> float:
-        """The time of the record nearest a marker's block timestamp."""
-        if t.size == 0:
-            return 0.0
-        i = int(np.argmin(np.abs(stamps - stamp)))
-        return float(t[min(i, t.size - 1)])
+    def _marker_time(stamp: int, stamps: npt.NDArray[np.int64], t: FloatArray) -> float:
+        """The time of the record whose block timestamp is nearest the marker's."""
+        return float(t[int(np.argmin(np.abs(stamps - stamp)))])
 
 
 __all__ = ["MAGIC", "MlgField", "MlgHeader", "MlgReader", "parse_header", "read_header"]
