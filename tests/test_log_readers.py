@@ -811,3 +811,16 @@ def test_replay_ids_come_from_the_log(tmp_path: Path) -> None:
     ms2 = replay_logs([MS2_X100], Settings(data_dir=tmp_path / "b"), store=False)
     (rep,) = ms2.reports
     assert rep.capture_from == "file modification time"
+
+
+def test_forcing_a_text_format_on_a_binary_log_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynoai_daemon.cli.main import main
+    from tests.mlg_writer import Field, write_mlg
+
+    p = write_mlg(tmp_path / "x.mlg", [Field("Time", 7, "s"), Field("RPM", 2)], [[0.0, 900.0]])
+    for fmt in ("csv", "msl", "canonical", "winpep", "powervision"):
+        rc = main(["replay", "--format", fmt, str(p), "--no-store"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"error: {p}" in err, (fmt, err)

@@ -56,7 +56,12 @@ def parse_column_map(text: str) -> dict[str, str]:
 
 
 def _split(line: str, delimiter: str) -> list[str]:
-    return [f.strip().strip('"').strip() for f in next(csv.reader([line], delimiter=delimiter))]
+    """The fields of one line, trimmed and unquoted; [] for a line csv cannot split."""
+    try:
+        fields = next(csv.reader([line], delimiter=delimiter))
+    except (csv.Error, StopIteration):
+        return []
+    return [f.strip().strip('"').strip() for f in fields]
 
 
 class DelimitedReader(LogReader):
@@ -102,7 +107,11 @@ class DelimitedReader(LogReader):
         self.header_line, text = header
         counts = {d: text.count(d) for d in DELIMITERS}
         self.delimiter = max(DELIMITERS, key=lambda d: counts[d])
+        if "\x00" in text or any("\x00" in s for s in sample):
+            raise self.error("binary data, not a delimited text log", self.header_line)
         names = _split(text, self.delimiter)
+        if len(names) < 2:
+            raise self.error("unreadable header row", self.header_line)
         self.names = names
         self.decimal_comma = self.delimiter != "," and any(
             any(_is_comma_number(f) for f in _split(s, self.delimiter)) for s in sample if s

@@ -358,11 +358,14 @@ def _replay_file(
     """Feed one log through the core; returns the time offset it was placed at."""
     rep = result.report
     assert rep is not None
-    reader = open_log(p, settings, fmt, columns=columns, temp_unit=temp_unit, report=rep)
-    rep.digest = file_digest(p)
-    if rep.capture_utc is None:
-        rep.capture_utc = datetime.fromtimestamp(int(p.stat().st_mtime), UTC)
-        rep.capture_from = "file modification time"
+    try:
+        reader = open_log(p, settings, fmt, columns=columns, temp_unit=temp_unit, report=rep)
+        rep.digest = file_digest(p)
+        if rep.capture_utc is None:
+            rep.capture_utc = datetime.fromtimestamp(int(p.stat().st_mtime), UTC)
+            rep.capture_from = "file modification time"
+    except OSError as exc:
+        raise InputError(f"cannot read log: {exc.strerror or exc}", path=str(p)) from exc
     result.result.files += 1
     first: float | None = None
     it: Iterable[Frame] = reader if speed is None else _paced(reader, speed)
