@@ -80,7 +80,7 @@ def file_lines(rep: Any, tuning: Any) -> list[str]:
     for note in rep.info:
         lines.append(f"  note: {note}")
     if rep.markers:
-        lines.append(f"  markers: {rep.markers} (kept as run hints; runs follow rpm/throttle)")
+        lines.append(f"  markers: {rep.markers} (shown with the runs they fall in)")
     if rep.dropped:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(rep.dropped.items()))
         lines.append(f"  dropped as implausible: {parts}")
@@ -89,9 +89,12 @@ def file_lines(rep: Any, tuning: Any) -> list[str]:
         head = f"  {run_id}: " + ("session failed" if cells is None else f"{cells} cells")
         if not gates:
             lines.append(head + (", every AFR reading passed" if cells else ", no AFR reading"))
-            continue
-        gate, n = max(gates.items(), key=lambda kv: kv[1])
-        lines.append(f"{head}, most readings rejected by {gate} ({n} of {sum(gates.values())})")
+        else:
+            gate, n = max(gates.items(), key=lambda kv: kv[1])
+            total = sum(gates.values())
+            lines.append(f"{head}, most readings rejected by {gate} ({n} of {total})")
+        a, b = rep.run_spans.get(run_id, (0.0, -1.0))
+        lines += [f"    marker at {t:.1f} s: {text}" for t, text in rep.marker_list if a <= t <= b]
     if rep.runs == 0 and rep.rows:
         lines.append(
             f"  no run: rpm never above {tuning.run_start_rpm:g} with throttle above "

@@ -19,9 +19,11 @@ numpy structured view per chunk, a record whose check byte is wrong is dropped a
 that checks out (``skipped_bytes``). Time is the ``Time`` field when the log has one, else
 the block timestamps unwrapped over their 16-bit rollover; a time base that restarts
 (TunerStudio appends after a reconnect) is continued so that time never goes back, and
-the restart is counted. Markers are kept as ``(time, text)`` in :attr:`MlgReader.marker_list`
-(run hints for the summary). Columns become canonical channels through the shared aliases
-and units of :mod:`~dynoai_daemon.logs.units`, like the ``.msl`` reader.
+the restart is counted. Markers are kept as ``(time, text)`` in
+:attr:`MlgReader.marker_list` (run hints for the summary), timed by the record that
+follows them (a 16-bit block timestamp wraps every 0.66 s, too often to place them by).
+Columns become canonical channels through the shared aliases and units of
+:mod:`~dynoai_daemon.logs.units`, like the ``.msl`` reader.
 """
 
 from __future__ import annotations
@@ -317,8 +319,9 @@ class MlgReader(LogReader):
                 elif kind == 1:
                     if p + BLOCK_HEADER + MARKER_LEN > n:
                         break
-                    (stamp,) = struct.unpack_from(">H", buf, p + 2)
-                    marks.append((stamp, _text(buf[p + 4 : p + 4 + MARKER_LEN])))
+                    # Placed by position: the number of records of this chunk before it.
+                    before = sum(k for _, k in runs)
+                    marks.append((before, _text(buf[p + 4 : p + 4 + MARKER_LEN])))
                     p += BLOCK_HEADER + MARKER_LEN
                 else:
                     q = self._resync(buf, p + 1, eof)
@@ -415,8 +418,8 @@ class MlgReader(LogReader):
                     shift += add
                     self.restarts += 1
                 last_t = float(t[-1])
-                for stamp, text in self._pending_marks:
-                    self.marker_list.append((self._marker_time(stamp, st, t), text))
+                for before, text in self._pending_marks:
+                    self.marker_list.append((float(t[min(before, t.size - 1)]), text))
                 self._pending_marks = []
                 cols: dict[str, FloatArray] = {}
                 for i, outs in enumerate(self.outputs):
@@ -430,13 +433,8 @@ class MlgReader(LogReader):
                 for start in range(0, t.size, self.chunk_rows):
                     stop = start + self.chunk_rows
                     yield Frame(t[start:stop], {k: c[start:stop] for k, c in cols.items()})
-        for _stamp, text in self._pending_marks:
+        for _before, text in self._pending_marks:
             self.marker_list.append((last_t if np.isfinite(last_t) else 0.0, text))
-
-    @staticmethod
-    def _marker_time(stamp: int, stamps: npt.NDArray[np.int64], t: FloatArray) -> float:
-        """The time of the record whose block timestamp is nearest the marker's."""
-        return float(t[int(np.argmin(np.abs(stamps - stamp)))])
 
 
 __all__ = ["MAGIC", "MlgField", "MlgHeader", "MlgReader", "parse_header", "read_header"]

@@ -114,6 +114,11 @@ class FileReport:
     sessions: list[str] = field(default_factory=list)
     cells: int = 0
     markers: int = 0
+    #: ``(seconds from the log's first row, text)`` of the log's markers (MLVLG)
+    marker_list: list[tuple[float, str]] = field(default_factory=list)
+    #: run id -> (start, end) in seconds from the log's first row
+    run_spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+    first_t: float = 0.0
     outside_runs: int = 0
     #: run id -> {gate: readings it rejected}
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -247,7 +252,9 @@ class _DecidedFrames:
         d = self.log.decisions
         self.report.notes.extend(n for n in d.notes if n not in self.report.notes)
         self.report.dropped = dict(d.dropped)
-        self.report.markers = len(getattr(self.log.reader, "marker_list", ()))
+        marks = list(getattr(self.log.reader, "marker_list", ()))
+        self.report.markers = len(marks)
+        self.report.marker_list = [(t - self.report.first_t, text) for t, text in marks]
         for attr in ("crc_errors", "skipped_bytes", "restarts"):
             n = getattr(self.log.reader, attr, 0)
             if n:
@@ -377,6 +384,7 @@ def _replay_file(
             first = float(frame.t[0])
             offset = core.last_t + FILE_GAP_S - first if math.isfinite(core.last_t) else 0.0
             result.file_origin = first + offset
+            rep.first_t = first
         shifted = Frame(frame.t + offset, frame.columns) if offset else frame
         tc = time.perf_counter()
         result.result.parse_s += tc - tp
@@ -434,6 +442,10 @@ class ResultSink:
                 rep = self.report
                 if rep is not None:
                     rep.rejected[run.run_id] = dict(run.rejected)
+                    rep.run_spans[run.run_id] = (
+                        run.start_t - self.file_origin,
+                        run.end_t - self.file_origin,
+                    )
                 try:
                     session = self.builder.build(run)
                 except (ValidationError, InputError, ValueError) as exc:
