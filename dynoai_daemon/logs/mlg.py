@@ -333,7 +333,6 @@ class MlgReader(LogReader):
                 self.skipped_bytes += n - p  # a cut-short last block
                 p = n
             carry = buf[p:]
-            self._pending_marks.extend(marks)
             if runs:
                 mats = [arr[a : a + k * blk].reshape(k, blk) for a, k in runs]
                 mat = mats[0] if len(mats) == 1 else np.concatenate(mats)
@@ -343,8 +342,13 @@ class MlgReader(LogReader):
                 if nbad:
                     self.crc_errors += nbad
                     mat, raw = mat[good], raw[good]
+                    kept = np.concatenate([[0], np.cumsum(good)])
+                    marks = [(int(kept[b]), text) for b, text in marks]
+                self._pending_marks.extend(marks)
                 stamps = (mat[:, 2].astype(np.int64) << 8) | mat[:, 3]
                 yield Blocks(stamps, np.ascontiguousarray(raw).view(self._dtype).reshape(-1))
+            else:
+                self._pending_marks.extend((0, text) for _, text in marks)
 
     def _resync(self, buf: bytes, start: int, eof: bool) -> int | None:
         """Offset of the next record block whose check byte is right, or None."""
