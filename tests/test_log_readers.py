@@ -734,6 +734,11 @@ def test_every_driver_batch_is_screened_into_health_counters() -> None:
     assert [s.channel for s in kept] == ["tps_pct"]
     extra = drv.sync_stats().extra
     assert extra["implausible_rpm"] == 1 and extra["implausible_map_kpa"] == 1
+    from drivers.innovate_mts import InnovateMtsDriver
+
+    mts = InnovateMtsDriver(source="wb", port="loop://")
+    assert mts.screen([Sample(0.0, "afr_front", 96.3), Sample(0.0, "afr_front", 13.0)])
+    assert mts.sync_stats().extra["implausible_afr_front"] == 1
 
 
 def test_aem_free_air_word_with_valid_bit_is_invalid() -> None:
