@@ -142,7 +142,8 @@ class ReplayResult:
     reports: list[FileReport] = field(default_factory=list)
     #: ``<file>: run <id>: <what>`` for each run whose session could not be built
     errors: list[str] = field(default_factory=list)
-    #: sessions not added to the dataset because their id was already there
+    #: sessions not added to the dataset because their id was already there (from an
+    #: earlier replay, or the same log given twice)
     already_stored: int = 0
 
 
@@ -343,9 +344,8 @@ def replay_logs(
         t0 = time.perf_counter()
         before = sessions.dataset_session_ids()
         sessions.append_many_to_dataset(result.result.sessions)
-        result.result.already_stored = sum(
-            1 for s in result.result.sessions if s.session_id in before
-        )
+        fresh = {s.session_id for s in result.result.sessions} - before
+        result.result.already_stored = len(result.result.sessions) - len(fresh)
         result.result.session_s += time.perf_counter() - t0
     return result.result
 
