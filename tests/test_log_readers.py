@@ -803,6 +803,8 @@ def test_replay_ids_come_from_the_log(tmp_path: Path) -> None:
     b = replay_logs([SPEEDUINO_C], Settings(data_dir=tmp_path / "a"))
     ids = [s.session_id for s in a.sessions]
     assert ids == [s.session_id for s in b.sessions] and b.already_stored == len(ids)
+    note = a.sessions[0].notes or ""
+    assert note.startswith("replayed from speeduino_blank_degc.msl (sha256 ") and "degC" in note
     assert ids[0].startswith("cell1-20220907T0854") and a.sessions[0].timestamp_utc.startswith(
         "2022-09-07T08:54"
     )

@@ -161,6 +161,12 @@ def replay_run_id(station: str, start_utc: datetime, digest: str, n: int) -> str
     return f"{station}-{start_utc.strftime('%Y%m%dT%H%M%S')}-{digest[:DIGEST_CHARS]}-{n}"
 
 
+def provenance(rep: FileReport) -> str:
+    """The note of a replayed run's session: the log (name, SHA-256, format), its decisions."""
+    head = f"replayed from {rep.path.name} (sha256 {rep.digest}, format {rep.format})"
+    return "; ".join([head, *rep.notes])
+
+
 def cells_learned(session: TuningSession) -> int:
     """Cell-cylinders of a session with a VE correction."""
     g = session.grid
@@ -240,7 +246,11 @@ def open_log(
     if reader.capture_utc is not None:
         rep.capture_utc, rep.capture_from = reader.capture_utc, "log header"
     rep.info.extend(reader.warnings)
-    return _DecidedFrames(DecidedLog(reader, temp_unit=temp_unit, stoich=stoich), rep)
+    decided = DecidedLog(reader, temp_unit=temp_unit, stoich=stoich)
+    # The report shares the decisions' list: filled once the first rows are read, so a
+    # run's session can say under which decisions it was learned.
+    rep.notes = decided.decisions.notes
+    return _DecidedFrames(decided, rep)
 
 
 @dataclass
@@ -250,9 +260,7 @@ class _DecidedFrames:
 
     def __iter__(self) -> Iterator[Frame]:
         yield from self.log
-        d = self.log.decisions
-        self.report.notes.extend(n for n in d.notes if n not in self.report.notes)
-        self.report.dropped = dict(d.dropped)
+        self.report.dropped = dict(self.log.decisions.dropped)
         marks = list(getattr(self.log.reader, "marker_list", ()))
         self.report.markers = len(marks)
         self.report.marker_list = [(t - self.report.first_t, text) for t, text in marks]
@@ -448,6 +456,8 @@ class ResultSink:
                     )
                 try:
                     session = self.builder.build(run)
+                    if rep is not None:
+                        session.notes = provenance(rep)
                 except (ValidationError, InputError, ValueError) as exc:
                     what = format_errors(exc) if isinstance(exc, ValidationError) else str(exc)
                     where = rep.path if rep is not None else "?"
