@@ -4,8 +4,10 @@ Frame (29-bit id 0x180 + n, n = 0..15, DLC 8, big-endian, 100 Hz): bytes 0-1 lam
 x0.0001, 2-3 O2 % s16 x0.001, 4 supply volts x0.1, 5 reserved, 6 flags (bit 1 LSU 4.9
 detected, bit 5 free-air calibration in use, bit 7 lambda valid), 7 faults (bit 6 sensor
 fault). The codec emits ``<afr channel>_status`` for every frame (NORMAL, INVALID when the
-valid bit is clear, FAULT when the fault bit is set) and the AFR (lambda x stoich) only
-when the status is NORMAL, so that the core never learns from a cold or failed sensor.
+valid bit is clear or the lambda word is 0 or 0xFFFF, which real X-series gauges send in
+free air with the valid bit set, FAULT when the fault bit is set) and the AFR (lambda x
+stoich) only when the status is NORMAL, so that the core never learns from a cold or
+failed sensor.
 Default map (docs/contract.md): 0x180 -> ``afr_front``, 0x181 -> ``afr_rear``. Optionally the
 AEM 30-2340 four-channel frame (29-bit id 0x1F, lambda 1-4 u16 x0.0001 big-endian) is
 decoded, lambda1 -> ``afr_front`` and lambda2 -> ``afr_rear`` by default; it has no status
@@ -39,6 +41,8 @@ FLAG_LSU49: Final = 0x02
 FLAG_FREE_AIR_CAL: Final = 0x20
 FLAG_VALID: Final = 0x80
 FAULT_SENSOR: Final = 0x40
+#: Raw lambda words that are not a reading on any AEM path: 0 and 0xFFFF (free air).
+NO_READING: Final = frozenset({0, 0xFFFF})
 
 DEFAULT_CHANNELS: Final[dict[int, str]] = {0: "afr_front", 1: "afr_rear"}
 DEFAULT_FOUR_CHANNELS: Final[dict[int, str]] = {1: "afr_front", 2: "afr_rear"}
@@ -106,6 +110,11 @@ class AemNetCodec:
             if not flags & FLAG_VALID:
                 self.counters["lambda_invalid"] += 1
                 return [(names[1], _INVALID)]
+            if lam in NO_READING:
+                # Free air / no reading, sent with the valid bit still set by X-series
+                # gauges (a real gauge: 331 frames of 0xFFFF = AFR 96.3 at key-on).
+                self.counters["lambda_no_reading"] = self.counters.get("lambda_no_reading", 0) + 1
+                return [(names[1], _INVALID)]
             return [(names[0], lam / 10000.0 * self.stoich), (names[1], _NORMAL)]
         if arbitration_id == FOUR_CHANNEL_ID and self._four:
             if len(data) != DLC:
@@ -114,7 +123,7 @@ class AemNetCodec:
             out: Decoded = []
             for i, ch, st in self._four:
                 raw = lams[i]
-                if raw in (0, 0xFFFF):
+                if raw in NO_READING:
                     self.counters["lambda_invalid"] += 1
                     out.append((st, _INVALID))
                 else:

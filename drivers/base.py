@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
-from dynoai_daemon.channels import Sample
+from dynoai_daemon.channels import Sample, screen_samples
 from dynoai_daemon.errors import DriverError, DriverOperationError, InputError
 
 AvailabilityCallback = Callable[[str, bool, str], None]
@@ -101,6 +101,8 @@ class Driver(abc.ABC):
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.stats = DriverStats()
+        #: channel -> values dropped as physically implausible (see :meth:`screen`)
+        self.implausible: dict[str, int] = {}
         self._queue: asyncio.Queue[list[Sample] | BaseException | None] | None = None
         self._queue_size = queue_size
         self._task: asyncio.Task[None] | None = None
@@ -211,12 +213,33 @@ class Driver(abc.ABC):
         self.stats.last_seen = self.clock()
         self._put_nowait(samples)
 
+    def screen(self, samples: list[Sample]) -> list[Sample]:
+        """Drop values outside their channel's plausible range, counting them per channel.
+
+        Every batch a driver hands on passes through here (from :meth:`emit` or a
+        subclass's own flush), so a wrong scale, a wrong driver or a CAN id collision
+        never reaches the core; the counts appear in the health counters as
+        ``stats.extra["implausible_<channel>"]``.
+        """
+        kept = screen_samples(samples, self.implausible)
+        if len(kept) != len(samples):
+            self.stats.extra.update(self.implausible_counters())
+        return kept
+
+    def implausible_counters(self) -> dict[str, int]:
+        """``{"implausible_<channel>": n}`` for the health counters."""
+        return {f"implausible_{ch}": n for ch, n in self.implausible.items()}
+
     # --- internals --------------------------------------------------------------------
 
     def _put_nowait(self, item: list[Sample] | BaseException | None) -> None:
         q = self._queue
         if q is None:
             return
+        if isinstance(item, list):
+            item = self.screen(item)
+            if not item:
+                return
         while True:
             try:
                 q.put_nowait(item)

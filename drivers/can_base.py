@@ -391,6 +391,7 @@ class CanDriver(Driver):
         counters = getattr(self.codec, "counters", None)
         if isinstance(counters, dict):
             extra.update(counters)
+        extra.update(self.implausible_counters())
         self.stats.extra = extra
         return self.stats
 

@@ -2,7 +2,10 @@
 
 Frame 0x360 (11-bit, big-endian): rpm u16, MAP kPa x10, TPS % x10, described by
 ``drivers/dbc/haltech.dbc`` and decoded with :class:`~drivers.dbc_driver.DbcCodec`.
-Default map: rpm -> ``rpm``, map -> ``map_kpa``, tps -> ``tps_pct``.
+Default map: rpm -> ``rpm``, map -> ``map_kpa``, tps -> ``tps_pct``. 0x360 is a busy id:
+OEM ECUs (Subaru, Ford) send their own frames on it, which decode here as rpm 65,283 and
+TPS 1,261 %; such values never reach the core (the base driver's plausibility screen drops
+and counts them as ``implausible_<channel>``, and ``dynoai decode`` warns).
 """
 
 from __future__ import annotations

@@ -382,6 +382,7 @@ class JetDriveDriver(Driver):
             multicast_join_failures=self._join_failures,
             held_values=self.receiver.pending_values(),
         )
+        extra.update(self.implausible_counters())
         self.stats.extra = extra
 
     # --- offline --------------------------------------------------------------------------

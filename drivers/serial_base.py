@@ -252,7 +252,7 @@ class SerialDriver(Driver):
         skipped = self._skipped_before + (dec.skipped_bytes if dec is not None else 0)
         self.stats.bad_frames = bad
         self.stats.skipped_bytes = skipped
-        self.stats.extra = dict(self.counters)
+        self.stats.extra = {**self.counters, **self.implausible_counters()}
         return self.stats
 
     def _retire_decoder(self) -> None:

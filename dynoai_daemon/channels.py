@@ -206,3 +206,103 @@ def samples_to_frame(samples: Sequence[Sample]) -> Frame:
             cols[s.channel] = col
         col[r] = s.value
     return Frame(uniq, cols)
+
+
+#: Plausible physical range (inclusive) of each canonical channel, in its canonical unit.
+#: A value outside it is not a reading of the engine but a wrong scale, a wrong driver, an
+#: id collision or a sensor's "no reading" code; :func:`screen_frame` blanks it (NaN) and
+#: counts it per channel. The ranges are wide on purpose (any street or race engine):
+#:
+#: ========================= ================ ==============================================
+#: channel                   range            why
+#: ========================= ================ ==============================================
+#: rpm                       0 .. 15000       no piston engine on a dyno turns faster
+#: map_kpa                   5 .. 450         deep vacuum to ~50 psi of boost (absolute)
+#: baro_kpa                  50 .. 110        barometric pressure from sea level to 5 km
+#: tps_pct                   -5 .. 105        a throttle in % with a little sensor slack
+#: afr_front/rear/target     6 .. 25          lambda 0.41 .. 1.7 on gasoline; a wideband
+#:                                            reads 6-25 or nothing (free air is ~96)
+#: knock_front/rear_deg      0 .. 30          degrees of retard an ECU applies
+#: spark_front/rear_deg      -20 .. 70        ignition advance, retarded to well advanced
+#: iat_f                     -40 .. 300       degF; -40 is the open-circuit reading
+#: ect_f                     -40 .. 320       degF; air-cooled heads run hotter than water
+#: ve_front/rear             0 .. 255         VE in % (fits the ECU's byte tables)
+#: torque_ftlb               -100 .. 3000     lb-ft at the roller, small negative on decel
+#: power_hp                  -100 .. 3000     hp at the roller
+#: vbatt_v                   0 .. 30          a 12 V or 24 V system
+#: ========================= ================ ==============================================
+PLAUSIBLE_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "rpm": (0.0, 15000.0),
+    "map_kpa": (5.0, 450.0),
+    "baro_kpa": (50.0, 110.0),
+    "tps_pct": (-5.0, 105.0),
+    "afr_front": (6.0, 25.0),
+    "afr_rear": (6.0, 25.0),
+    "afr_target": (6.0, 25.0),
+    "knock_front_deg": (0.0, 30.0),
+    "knock_rear_deg": (0.0, 30.0),
+    "spark_front_deg": (-20.0, 70.0),
+    "spark_rear_deg": (-20.0, 70.0),
+    "iat_f": (-40.0, 300.0),
+    "ect_f": (-40.0, 320.0),
+    "ve_front": (0.0, 255.0),
+    "ve_rear": (0.0, 255.0),
+    "torque_ftlb": (-100.0, 3000.0),
+    "power_hp": (-100.0, 3000.0),
+    "vbatt_v": (0.0, 30.0),
+}
+
+
+def is_plausible(channel: str, value: float) -> bool:
+    """True when ``value`` lies in ``channel``'s plausible range (or the channel has none).
+
+    NaN is plausible (it already means "no value").
+    """
+    lim = PLAUSIBLE_RANGES.get(channel)
+    if lim is None or math.isnan(value):
+        return True
+    return lim[0] <= value <= lim[1]
+
+
+def screen_frame(frame: Frame, counts: dict[str, int] | None = None) -> Frame:
+    """Blank (NaN) the implausible values of ``frame`` and count them per channel.
+
+    The one function every log reader's frames and every driver's samples pass through
+    (drivers via :func:`screen_samples`). Columns without a range are left alone.
+
+    Args:
+        frame: the rows; its columns are not modified (a changed column is copied).
+        counts: channel -> values blanked so far; updated in place when given.
+
+    Returns:
+        ``frame`` itself when nothing was blanked, else a frame with new columns.
+    """
+    out: dict[str, FloatArray] | None = None
+    for name, col in frame.columns.items():
+        lim = PLAUSIBLE_RANGES.get(name)
+        if lim is None or col.size == 0:
+            continue
+        with np.errstate(invalid="ignore"):
+            bad = (col < lim[0]) | (col > lim[1])
+        n = int(np.count_nonzero(bad))
+        if not n:
+            continue
+        if out is None:
+            out = dict(frame.columns)
+        fixed = np.array(col, dtype=np.float64, copy=True)
+        fixed[bad] = np.nan
+        out[name] = fixed
+        if counts is not None:
+            counts[name] = counts.get(name, 0) + n
+    return frame if out is None else Frame(frame.t, out)
+
+
+def screen_samples(samples: Sequence[Sample], counts: dict[str, int]) -> list[Sample]:
+    """Drop the implausible samples of a driver's batch, counting them per channel."""
+    kept: list[Sample] = []
+    for s in samples:
+        if is_plausible(s.channel, s.value):
+            kept.append(s)
+        else:
+            counts[s.channel] = counts.get(s.channel, 0) + 1
+    return kept

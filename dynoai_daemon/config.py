@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -121,6 +121,16 @@ class TuningConfig(_Section):
         return self
 
 
+class ReplayConfig(_Section):
+    """``[replay]``: how recorded logs are read.
+
+    ``temp_unit``: the unit of temperature columns that a log leaves without a unit;
+    ``auto`` decides per log from the firmware its title names and the coolant values.
+    """
+
+    temp_unit: Literal["auto", "C", "F"] = "auto"
+
+
 class AlertConfig(_Section):
     """Live alert limits (see docs/tuning.md, Live alerts)."""
 
@@ -216,6 +226,7 @@ class Settings(BaseSettings):
     tuning: TuningConfig = TuningConfig()
     alerts: AlertConfig = AlertConfig()
     tune: TuneConfig = TuneConfig()
+    replay: ReplayConfig = ReplayConfig()
     build: dict[str, Any] | None = None
     conditions: dict[str, Any] | None = None
     dyno: dict[str, Any] | None = None

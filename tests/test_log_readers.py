@@ -579,3 +579,260 @@ def test_writer_no_sidecar_when_not_needed_and_bad_input(tmp_path: Path) -> None
         )
     assert not (tmp_path / "y.csv").exists()
     assert [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")] == []
+
+
+# --- real-ECU quirks: units decided per log, foreign delimited logs, plausibility ------------
+
+MS2_X100 = DATA / "ms2extra_x100_target.msl"
+SPEEDUINO_C = DATA / "speeduino_blank_degc.msl"
+ROMRAIDER = DATA / "romraider_semicolon.csv"
+ROMRAIDER_COLUMNS = (
+    "rpm=PLX Engine Speed,map_kpa=PLX Manifold Absolute Pressure,"
+    "afr_front=PLX O2 - Wideband,tps_pct=Throttle Opening Angle,ect_f=Coolant Temperature"
+)
+
+
+def _learned(res: object) -> list[float]:
+    """AFR targets of the learned cells of a ReplayResult's sessions."""
+    out: list[float] = []
+    for s in res.sessions:  # type: ignore[attr-defined]
+        for cyl in (s.grid.front, s.grid.rear):
+            for trow, crow in zip(cyl.afr_target_mean, cyl.ve_correction_pct, strict=True):
+                out += [t for t, c in zip(trow, crow, strict=True) if c is not None]
+    return out
+
+
+def test_ms2_afr_x100_target_is_rescaled_and_degf_kept(tmp_path: Path) -> None:
+    from dynoai_daemon.config import Settings
+    from dynoai_daemon.logs.replay import replay_logs
+
+    res = replay_logs([MS2_X100], Settings(data_dir=tmp_path))
+    (rep,) = res.reports
+    assert any("AFR x 100" in n for n in rep.notes), rep.notes
+    assert any("degF (firmware ms2extra" in n for n in rep.notes), rep.notes
+    targets = _learned(res)
+    assert targets and all(12.0 <= t <= 15.0 for t in targets)
+    assert not res.errors
+
+
+def test_blank_temperature_units_are_decided_per_log(tmp_path: Path) -> None:
+    from dynoai_daemon.config import ReplayConfig, Settings
+    from dynoai_daemon.logs.replay import replay_logs
+
+    res = replay_logs([SPEEDUINO_C], Settings(data_dir=tmp_path / "a"))
+    (rep,) = res.reports
+    assert any("degC (firmware speeduino" in n for n in rep.notes), rep.notes
+    assert _learned(res)
+    # Forced to degF (flag or config key), 88 is a cold engine: nothing learned, and why.
+    for forced in (
+        replay_logs([SPEEDUINO_C], Settings(data_dir=tmp_path / "b"), temp_unit="F"),
+        replay_logs(
+            [SPEEDUINO_C], Settings(data_dir=tmp_path / "c", replay=ReplayConfig(temp_unit="F"))
+        ),
+    ):
+        (rep,) = forced.reports
+        assert not _learned(forced)
+        (gates,) = rep.rejected.values()
+        assert max(gates, key=lambda g: gates[g]) == "warm-up"
+
+
+def test_title_is_checked_against_the_coolant(tmp_path: Path) -> None:
+    from dynoai_daemon.config import Settings
+    from dynoai_daemon.logs.replay import replay_logs
+
+    text = SPEEDUINO_C.read_text().replace("\t35\t88\t", "\t95\t190\t")
+    p = tmp_path / "speeduino_but_f.msl"
+    p.write_text(text)
+    (rep,) = replay_logs([p], Settings(data_dir=tmp_path / "d"), store=False).reports
+    assert any("is degF" in n for n in rep.notes), rep.notes
+
+
+def test_replay_cli_prints_decisions_and_the_dominant_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynoai_daemon.cli.main import main
+
+    assert main(["replay", str(SPEEDUINO_C), "--no-store", "--temp-unit", "F"]) == 0
+    out = capsys.readouterr().out
+    assert "decided: temperatures (IAT, CLT) have no unit: read as degF (forced)" in out
+    assert "0 cells, most readings rejected by warm-up" in out
+
+
+def test_semicolon_decimal_comma_csv_with_a_column_map(tmp_path: Path) -> None:
+    from dynoai_daemon.logs.delimited import DelimitedReader, parse_column_map
+
+    assert sniff_format(ROMRAIDER) == "csv"
+    r = DelimitedReader(ROMRAIDER, columns=parse_column_map(ROMRAIDER_COLUMNS), chunk_rows=64)
+    assert r.delimiter == ";" and r.decimal_comma and r.time_scale == 0.001
+    f = concat_frames(list(r))
+    assert len(f) == 300 and f.t[1] == pytest.approx(0.05)
+    assert f.columns["map_kpa"][0] == pytest.approx(35.0)  # 0,350 bar
+    assert f.columns["afr_front"][0] == pytest.approx(1.011 * 14.7)  # lambda
+    assert f.columns["ect_f"][0] == pytest.approx(194.0)  # (C) in the name
+    assert set(f.columns) == {"rpm", "map_kpa", "afr_front", "tps_pct", "ect_f"}
+
+
+def test_column_map_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dynoai_daemon.cli.main import main
+
+    for cols, what in (
+        ("rpm=No Such Column", "no column 'No Such Column'"),
+        ("map_kpa=PLX Engine Speed", "does not convert to map_kpa"),
+        ("rpm", "is not CHANNEL=COLUMN"),
+    ):
+        rc = main(["replay", str(ROMRAIDER), "--no-store", "--columns", cols])
+        err = capsys.readouterr().err
+        assert rc == 2 and what in err, err
+    rc = main(["replay", str(ROMRAIDER), "--no-store", "--columns", "rpm=X", "--format", "msl"])
+    assert rc == 2 and "--columns needs --format csv" in capsys.readouterr().err
+
+
+def test_pcan_trc_is_sniffed_decoded_and_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import can
+
+    from drivers import haltech
+    from dynoai_daemon.cli.main import main
+
+    p = tmp_path / "bus.trc"
+    with can.TRCWriter(p) as w:
+        for k in range(50):
+            fid, data, ext = haltech.encode(3000 + k, 60.0, 30.0)
+            w.on_message_received(
+                can.Message(timestamp=1.0 + k * 0.02, arbitration_id=fid, data=data,
+                            is_extended_id=ext)
+            )  # fmt: skip
+    assert sniff_format(p) == "trc"
+    assert main(["decode", "--driver", "haltech", str(p)]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert rows[0] == "time_s,rpm,map_kpa,tps_pct" and len(rows) == 51
+    assert "messages=50" in err
+    rc = main(["replay", str(p), "--no-store", "--format", "trc"])
+    assert rc == 0 and "format trc" in capsys.readouterr().out
+
+
+def test_plausibility_screen_blanks_and_counts() -> None:
+    from dynoai_daemon.channels import PLAUSIBLE_RANGES, screen_frame
+
+    assert set(PLAUSIBLE_RANGES) == set(CANONICAL_CHANNELS)
+    f = Frame.from_columns(
+        [0.0, 1.0, 2.0],
+        {"rpm": [3000, 65283, 2000], "tps_pct": [1261, 50, np.nan], "afr_front": [96.34, 13, 5]},
+    )
+    counts: dict[str, int] = {}
+    g = screen_frame(f, counts)
+    assert counts == {"rpm": 1, "tps_pct": 1, "afr_front": 2}
+    assert np.isnan(g.columns["rpm"][1]) and g.columns["rpm"][0] == 3000
+    assert f.columns["rpm"][1] == 65283  # the input is not modified
+    assert screen_frame(g, counts) is g
+
+
+def test_every_driver_batch_is_screened_into_health_counters() -> None:
+    from drivers.haltech import HaltechDriver
+
+    drv = HaltechDriver(source="ecu")
+    kept = drv.screen(
+        [Sample(0.0, "rpm", 65283.0), Sample(0.0, "tps_pct", 40.0), Sample(0.0, "map_kpa", 2.0)]
+    )
+    assert [s.channel for s in kept] == ["tps_pct"]
+    extra = drv.sync_stats().extra
+    assert extra["implausible_rpm"] == 1 and extra["implausible_map_kpa"] == 1
+    from drivers.innovate_mts import InnovateMtsDriver
+
+    mts = InnovateMtsDriver(source="wb", port="loop://")
+    assert mts.screen([Sample(0.0, "afr_front", 96.3), Sample(0.0, "afr_front", 13.0)])
+    assert mts.sync_stats().extra["implausible_afr_front"] == 1
+
+
+def test_aem_free_air_word_with_valid_bit_is_invalid() -> None:
+    from drivers import aemnet
+    from dynoai_daemon.channels import SensorStatus
+
+    c = aemnet.AemNetCodec()
+    _, data, _ = aemnet.encode(0, 6.5535, o2_pct=20.9)  # 0xFFFF, valid bit set
+    assert dict(c.decode(0x180, data, True) or []) == {"afr_front_status": SensorStatus.INVALID}
+    assert c.counters["lambda_no_reading"] == 1
+
+
+def test_decel_pop_range_is_never_inverted() -> None:
+    from dynoai_daemon.core.runs import DecelEvent
+    from dynoai_daemon.models import DecelPoppingPattern
+    from dynoai_daemon.patterns import decel
+
+    ev = DecelEvent(10.0, 2236.0, 10.2, end_t=11.0, rpm_end=2272.0, tps_min=0.0)
+    ev.spikes, ev.afr_max, ev.afr_samples = 4, 16.9, 10
+    fields = decel.extract([ev], 3.0)
+    assert fields is not None
+    lo, hi = fields["pop_rpm_range"]
+    assert lo <= hi and (lo, hi) == (2236.0, 2272.0)
+    DecelPoppingPattern(session_id="x", **fields)
+
+
+def test_a_failing_session_is_reported_and_the_rest_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from dynoai_daemon.cli.main import main
+    from dynoai_daemon.models import DecelPoppingPattern
+    from dynoai_daemon.patterns.session import SessionBuilder
+
+    real = SessionBuilder.build
+    calls = {"n": 0}
+
+    def build(self: SessionBuilder, run: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:  # what an inverted range used to do
+            DecelPoppingPattern(session_id="x", pop_rpm_range=(2272.0, 2236.0))
+        return real(self, run)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SessionBuilder, "build", build)
+    data = tmp_path / "d"
+    rc = main(["replay", str(MS2_X100), str(SPEEDUINO_C), "--data-dir", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"error: {MS2_X100}: run cell1-" in err and "pop_rpm_range" in err
+    ds = json.loads((data / "dataset.json").read_text())
+    assert len(ds["sessions"]) == 1  # the Speeduino log's run
+
+
+def test_replay_ids_come_from_the_log(tmp_path: Path) -> None:
+    import shutil
+
+    from dynoai_daemon.config import Settings
+    from dynoai_daemon.logs.replay import replay_logs
+
+    a = replay_logs([SPEEDUINO_C], Settings(data_dir=tmp_path / "a"))
+    b = replay_logs([SPEEDUINO_C], Settings(data_dir=tmp_path / "a"))
+    ids = [s.session_id for s in a.sessions]
+    assert ids == [s.session_id for s in b.sessions] and b.already_stored == len(ids)
+    note = a.sessions[0].notes or ""
+    assert note.startswith("replayed from speeduino_blank_degc.msl (sha256 ") and "degC" in note
+    assert ids[0].startswith("cell1-20220907T0854") and a.sessions[0].timestamp_utc.startswith(
+        "2022-09-07T08:54"
+    )
+    # Another log (one value differs) never collides, even with the same capture date.
+    other = tmp_path / "other.msl"
+    shutil.copy(SPEEDUINO_C, other)
+    other.write_text(other.read_text().replace("\t35\t88\t", "\t36\t88\t", 1))
+    c = replay_logs([other], Settings(data_dir=tmp_path / "a"))
+    assert not set(ids) & {s.session_id for s in c.sessions}
+    # Without a capture date in the log, the file's modification time is used.
+    ms2 = replay_logs([MS2_X100], Settings(data_dir=tmp_path / "b"), store=False)
+    (rep,) = ms2.reports
+    assert rep.capture_from == "file modification time"
+
+
+def test_forcing_a_text_format_on_a_binary_log_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynoai_daemon.cli.main import main
+    from tests.mlg_writer import Field, write_mlg
+
+    p = write_mlg(tmp_path / "x.mlg", [Field("Time", 7, "s"), Field("RPM", 2)], [[0.0, 900.0]])
+    for fmt in ("csv", "msl", "canonical", "winpep", "powervision"):
+        rc = main(["replay", "--format", fmt, str(p), "--no-store"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"error: {p}" in err, (fmt, err)

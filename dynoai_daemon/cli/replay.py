@@ -8,7 +8,10 @@ from typing import Any
 
 from dynoai_daemon.cli.common import add_config_args, is_tty, settings_from_args
 
-FORMATS = ("auto", "canonical", "powervision", "winpep", "msl", "candump", "asc", "blf", "jetdrive")
+FORMATS = (
+    "auto", "canonical", "powervision", "winpep", "msl", "mlg", "csv",
+    "candump", "asc", "blf", "trc", "jetdrive",
+)  # fmt: skip
 
 
 def add_parser(sub: Any) -> None:
@@ -18,6 +21,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("logs", nargs="+", metavar="LOG")
     p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument(
+        "--temp-unit",
+        choices=("C", "F"),
+        default=None,
+        help="unit of temperature columns the log leaves blank (default: decided per log)",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="CHANNEL=COLUMN[:UNIT],...",
+        default=None,
+        help="column map of a delimited log (implies --format csv), e.g. rpm=RPM,map_kpa=MAP:bar",
+    )
     add_config_args(p)
     p.add_argument("--speed", type=float, default=None, help="pace: 1 = real time")
     p.add_argument("--publish", action="store_true", help="publish to MQTT as the daemon would")
@@ -48,13 +63,61 @@ def summary_line(session: Any) -> str:
     )
 
 
+def file_lines(rep: Any, tuning: Any) -> list[str]:
+    """The per-file summary: format, capture time, decisions, drops, runs and gates."""
+    lines = [
+        f"{rep.path}: format {rep.format or '?'}, {rep.rows} rows, "
+        f"{rep.runs} run(s) ({rep.discarded_runs} short), {len(rep.sessions)} session(s), "
+        f"{rep.cells} cell-cylinders learned, {rep.seconds:.2f} s"
+        + (
+            f"; captured {rep.capture_utc:%Y-%m-%dT%H:%M:%SZ} ({rep.capture_from})"
+            if rep.capture_utc is not None
+            else ""
+        )
+    ]
+    for note in rep.notes:
+        lines.append(f"  decided: {note}")
+    for note in rep.info:
+        lines.append(f"  note: {note}")
+    if rep.markers:
+        lines.append(f"  markers: {rep.markers} (shown with the runs they fall in)")
+    if rep.dropped:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(rep.dropped.items()))
+        lines.append(f"  dropped as implausible: {parts}")
+    for run_id, gates in rep.rejected.items():
+        cells = rep.run_cells.get(run_id)
+        head = f"  {run_id}: " + ("session failed" if cells is None else f"{cells} cells")
+        if not gates:
+            lines.append(head + (", every AFR reading passed" if cells else ", no AFR reading"))
+        else:
+            gate, n = max(gates.items(), key=lambda kv: kv[1])
+            total = sum(gates.values())
+            lines.append(f"{head}, most readings rejected by {gate} ({n} of {total})")
+        a, b = rep.run_spans.get(run_id, (0.0, -1.0))
+        lines += [f"    marker at {t:.1f} s: {text}" for t, text in rep.marker_list if a <= t <= b]
+    if rep.runs == 0 and rep.rows:
+        lines.append(
+            f"  no run: rpm never above {tuning.run_start_rpm:g} with throttle above "
+            f"{tuning.run_start_tps:g} % ({rep.outside_runs} AFR readings outside runs)"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    """Replay the logs; exit 2 on a malformed log (``error: file:line: what``)."""
+    """Replay the logs; exit 2 when a log or a run's session failed (after writing the rest).
+
+    Errors read ``error: file:line: what`` (a malformed log) or ``error: <file>: run <id>:
+    <what>`` (a session that failed validation).
+    """
     from dynoai_daemon.errors import InputError
+    from dynoai_daemon.logs.delimited import parse_column_map
     from dynoai_daemon.logs.replay import replay_logs
 
     if args.speed is not None and args.speed <= 0:
         raise InputError("--speed must be positive")
+    columns = parse_column_map(args.columns) if args.columns else None
+    if columns is not None and args.format not in ("auto", "csv"):
+        raise InputError(f"--columns needs --format csv (not {args.format})")
     if args.publish:
         return _replay_publish(args)
     settings = settings_from_args(args)
@@ -66,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress(transient=True)
         progress.start()
         task = progress.add_task("replaying", total=None)
+
+    def on_file(rep: Any) -> None:
+        for line in file_lines(rep, settings.tuning):
+            print(line, flush=True)
+
     try:
         result = replay_logs(
             args.logs,
@@ -75,17 +143,26 @@ def run(args: argparse.Namespace) -> int:
             store=not args.no_store,
             on_session=lambda s: print(summary_line(s), flush=True),
             on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+            columns=columns,
+            temp_unit=args.temp_unit,
+            on_file=on_file,
         )
     finally:
         if progress is not None:
             progress.stop()
+    stored = ""
+    if not args.no_store:
+        new = len(result.sessions) - result.already_stored
+        stored = f"; written under {settings.data_dir} ({new} new in the dataset"
+        stored += f", {result.already_stored} already there)" if result.already_stored else ")"
     print(
         f"{result.rows} rows from {result.files} file(s): {len(result.sessions)} session(s), "
-        f"{result.discarded_runs} short run(s) discarded"
-        + (f"; written under {settings.data_dir}" if not args.no_store else ""),
+        f"{result.discarded_runs} short run(s) discarded" + stored,
         file=sys.stderr,
     )
-    return 0
+    for err in result.errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 2 if result.errors else 0
 
 
 def _replay_publish(args: argparse.Namespace) -> int:
@@ -94,11 +171,15 @@ def _replay_publish(args: argparse.Namespace) -> int:
     import time
 
     from dynoai_daemon.channels import Frame
-    from dynoai_daemon.logs import read_log, sniff_format
-    from dynoai_daemon.logs.replay import CAPTURE_FORMATS, FILE_GAP_S, capture_frames
+    from dynoai_daemon.logs.delimited import parse_column_map
+    from dynoai_daemon.logs.replay import FILE_GAP_S, open_log
     from dynoai_daemon.service.daemon import Daemon
 
     settings = settings_from_args(args)
+    columns = parse_column_map(args.columns) if args.columns else None
+    temp_unit = args.temp_unit or (
+        None if settings.replay.temp_unit == "auto" else settings.replay.temp_unit
+    )
 
     async def go() -> int:
         daemon = Daemon(
@@ -110,12 +191,8 @@ def _replay_publish(args: argparse.Namespace) -> int:
         last = -float("inf")
         rows = 0
         for path in args.logs:
-            fmt = sniff_format(path) if args.format == "auto" else args.format
-            frames: Any = (
-                capture_frames(path, fmt, settings)
-                if fmt in CAPTURE_FORMATS
-                else read_log(path, format=fmt, stoich=settings.tuning.stoich_afr)
-            )
+            # Units decided and implausible values blanked, as in a stored replay.
+            frames = open_log(path, settings, args.format, columns=columns, temp_unit=temp_unit)
             first = True
             wall0 = time.monotonic()
             for frame in frames:

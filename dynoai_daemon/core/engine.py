@@ -50,6 +50,12 @@ DECEL_MIN_RPM = 1500.0
 DECEL_END_RPM = 1200.0
 SPIKE_AFR = 15.5
 RUN_MARKER = "run_marker"
+#: Learning gates in the order a reading is checked; a rejected reading is counted under
+#: the first that rejects it (``OpenRun.rejected``; ``Core.outside_runs`` for the first).
+GATES: tuple[str, ...] = (
+    "outside run", "sensor invalid", "no rpm/map", "warm-up", "decel", "transients",
+    "AFR range",
+)  # fmt: skip
 
 _TRACKED = (
     "rpm", "map_kpa", "tps_pct", "afr_target", "ect_f", "iat_f",
@@ -106,6 +112,7 @@ class _DelayedState:
     from_ecu: BoolArray
     ok: BoolArray
     span_of: IntArray
+    why: IntArray
     located: tuple[IntArray, FloatArray, IntArray, BoolArray] | None = None
 
 
@@ -139,6 +146,8 @@ class Core:
         self.runs_started = 0
         self.runs_discarded = 0
         self.rows_seen = 0
+        #: AFR readings that fell in no run (engine below the run start rpm/throttle)
+        self.outside_runs = 0
         self._armed = True
         self._low_since: float | None = None
         self._marker_mode = False
@@ -461,17 +470,17 @@ class Core:
             tps_rate = np.abs(tps - tps_b) / w_s
             map_rate = np.abs(mapk - map_b) / w_s
             rpm_rate = (rpm - rpm_b) / w_s
-            ok = ~np.isnan(rpm) & ~np.isnan(mapk) & (target >= 5.0)
-            ok &= np.isnan(ect) | (ect >= cfg.ect_min_f)
-            ok &= ~(tps_rate > cfg.max_tps_rate_pct_s)
-            ok &= ~(map_rate > cfg.max_map_rate_kpa_s)
+            no_state = np.isnan(rpm) | np.isnan(mapk) | ~(target >= 5.0)
+            cold = ect < cfg.ect_min_f
+            transient = (tps_rate > cfg.max_tps_rate_pct_s) | (map_rate > cfg.max_map_rate_kpa_s)
             closed = (tps <= cfg.decel_tps_pct) & (rpm_rate < -cfg.decel_rpm_rate)
-            ok &= ~closed
         if self._recent_decels:
-            ok &= ~self._in_decel(ts)
+            closed |= self._in_decel(ts)
         span_of = self._assign(idx, span_start, span_end)
-        ok &= span_of >= 0
-        state = _DelayedState(idx, ts, k, rpm, mapk, target, from_ecu, ok, span_of)
+        # The first gate that rejects each reading (0 = none), in GATES order.
+        why = np.select([span_of < 0, no_state, cold, closed, transient], [1, 3, 4, 5, 6], 0)
+        ok = why == 0
+        state = _DelayedState(idx, ts, k, rpm, mapk, target, from_ecu, ok, span_of, why)
         self._state_cache = state
         return state
 
@@ -499,7 +508,9 @@ class Core:
         status_ok = np.isnan(status) | (status == SensorStatus.NORMAL)
         st = self._engine_state(win, idx, te, rpm_rows, span_start, span_end)
         with np.errstate(invalid="ignore"):
-            learned = st.ok & status_ok & (afr >= cfg.afr_min) & (afr <= cfg.afr_max)
+            in_range = (afr >= cfg.afr_min) & (afr <= cfg.afr_max)
+            learned = st.ok & status_ok & in_range
+        self._count_rejects(st, status_ok, in_range, spans)
         if learned.any():
             if st.located is None:
                 st.located = self.grid.locate(st.rpm, st.map_kpa)
@@ -533,6 +544,23 @@ class Core:
         if self._recent_decels:
             self._decel_afr(te, afr, status_ok, st.span_of)
         return AfrEvents(te, afr, st.rpm, st.map_kpa, learned)
+
+    def _count_rejects(
+        self,
+        st: _DelayedState,
+        status_ok: BoolArray,
+        in_range: BoolArray,
+        spans: list[tuple[int, int, OpenRun]],
+    ) -> None:
+        """Count each rejected reading under the first gate that rejected it."""
+        why = np.where((st.why != 1) & ~status_ok, 2, st.why)
+        why = np.where((why == 0) & ~in_range, 7, why)
+        self.outside_runs += int(np.count_nonzero(why == 1))
+        for si, (_, _, run) in enumerate(spans):
+            counts = np.bincount(why[st.span_of == si], minlength=len(GATES) + 1)
+            for code in np.flatnonzero(counts[1:]).tolist():
+                gate = GATES[code]
+                run.rejected[gate] = run.rejected.get(gate, 0) + int(counts[code + 1])
 
     def _decel_afr(
         self, te: FloatArray, afr: FloatArray, status_ok: BoolArray, span_of: IntArray

@@ -71,6 +71,8 @@ class OpenRun:
     target_from_table: int = 0
     out_of_grid: int = 0  # learnable AFR samples that fell outside the grid's axes
     decels: list[DecelEvent] = field(default_factory=list)
+    #: AFR readings in this run that a learning gate rejected, by gate (engine.GATES)
+    rejected: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.front = CylinderStats(self.size)

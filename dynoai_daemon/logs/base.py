@@ -14,8 +14,10 @@ views of Arrow memory: copy before writing into them.
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dynoai_daemon.channels import FloatArray, Frame
@@ -69,6 +71,37 @@ def parse_number(field: str) -> float:
     return v
 
 
+_CAPTURE = re.compile(
+    r"capture date:\s*(?:\w{3}\s+)?(\w{3})\s+(\d{1,2})\s+(\d{1,2}):(\d{2}):(\d{2})"
+    r"\s+(?:([A-Za-z]{2,5})\s+)?(\d{4})",
+    re.IGNORECASE,
+)
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+#: UTC offsets (hours) of the zone names TunerStudio writes; others are read as UTC.
+_ZONES = {
+    "utc": 0, "gmt": 0, "wet": 0, "west": 1, "cet": 1, "cest": 2, "eet": 2, "eest": 3,
+    "bst": 1, "est": -5, "edt": -4, "cst": -6, "cdt": -5, "mst": -7, "mdt": -6,
+    "pst": -8, "pdt": -7, "aest": 10, "aedt": 11,
+}  # fmt: skip
+
+
+def capture_date(lines: list[str]) -> datetime | None:
+    """The ``Capture Date: Mon Dec 28 13:30:43 CET 2020`` of TunerStudio titles, in UTC."""
+    for line in lines:
+        m = _CAPTURE.search(line)
+        if m is None or m.group(1).lower()[:3] not in _MONTHS:
+            continue
+        mon = _MONTHS.index(m.group(1).lower()[:3]) + 1
+        day, hh, mm, ss, year = (int(m.group(i)) for i in (2, 3, 4, 5, 7))
+        off = _ZONES.get((m.group(6) or "utc").lower(), 0)
+        try:
+            local = datetime(year, mon, day, hh, mm, ss, tzinfo=UTC)
+        except ValueError:
+            continue
+        return local - timedelta(hours=off)
+    return None
+
+
 def scale_time(raw: FloatArray, seconds_per_unit: float) -> FloatArray:
     """Convert a time column to seconds; ms are divided by 1000 (exact to the last bit)."""
     if seconds_per_unit == 1.0:
@@ -89,6 +122,9 @@ class LogReader(ABC):
         chunk_rows: the most rows one chunk holds.
         stoich: stoichiometric AFR used to convert lambda to AFR.
         source_of: output channel -> the log's own column/signal name.
+        source_units: output channel -> the unit its source column gives ("" = none).
+        title: the log's title lines (firmware, capture date), when it has them.
+        capture_utc: the capture time stated in the log, else None.
         warnings: things the reader decided that a user may want to know (a column kept
             raw because its unit is unknown, a guessed time unit).
     """
@@ -107,6 +143,12 @@ class LogReader(ABC):
         self.stoich = float(stoich)
         self.rows_read = 0
         self.source_of: dict[str, str] = {}
+        #: output channel -> unit text of its source column ("" when the log gives none)
+        self.source_units: dict[str, str] = {}
+        #: header/title lines that name the logger or firmware (MegaLogViewer, MLVLG)
+        self.title: list[str] = []
+        #: the capture time the log itself states, when it states one
+        self.capture_utc: datetime | None = None
         self.warnings: list[str] = []
         self._prepare()
 

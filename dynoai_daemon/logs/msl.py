@@ -17,7 +17,7 @@ name, with a warning.
 
 from __future__ import annotations
 
-from dynoai_daemon.logs.base import header_lines, parse_float
+from dynoai_daemon.logs.base import capture_date, header_lines, parse_float
 from dynoai_daemon.logs.units import map_columns, time_scale
 from dynoai_daemon.logs.wide import WideCsvReader, WideLayout
 from dynoai_daemon.logs.winpep import find_time_column
@@ -75,6 +75,8 @@ class MslReader(WideCsvReader):
                 raise self.error(f"time column unit {units[ti]!r} is not a time unit", lineno + 1)
             plan = map_columns(list(zip(names, units, strict=True)), self.stoich, skip=[ti])
             self.warnings.extend(plan.warnings)
+            self.source_units.update(plan.unit_of)
+            self.capture_utc = capture_date(self.title)
             return WideLayout(
                 data_offset=data_offset,
                 data_line=data_line,

@@ -1,7 +1,8 @@
 """``read_log``: open a recorded log of any supported format as a stream of Frames.
 
-Formats read here: ``canonical``, ``powervision``, ``winpep``, ``msl``. The CAN and
-capture formats that ``--format`` also names (``candump``, ``asc``, ``blf``, ``jetdrive``)
+Formats read here: ``canonical``, ``powervision``, ``winpep``, ``msl``, ``mlg`` (MLVLG
+binary), ``csv`` (any delimited export). The CAN and capture formats that ``--format``
+also names (``candump``, ``asc``, ``blf``, ``trc``, ``jetdrive``)
 are recognised by :func:`~dynoai_daemon.logs.sniff.sniff_format` and read by whichever
 module registers a reader for them with :func:`register_reader`; until then asking for one
 is a clear error, not a crash.
@@ -15,6 +16,8 @@ from typing import Final, Protocol
 from dynoai_daemon.errors import InputError
 from dynoai_daemon.logs.base import DEFAULT_CHUNK_ROWS, LogReader
 from dynoai_daemon.logs.canonical import CanonicalReader
+from dynoai_daemon.logs.delimited import DelimitedReader
+from dynoai_daemon.logs.mlg import MlgReader
 from dynoai_daemon.logs.msl import MslReader
 from dynoai_daemon.logs.powervision import PowerVisionReader
 from dynoai_daemon.logs.sniff import sniff_format
@@ -30,6 +33,9 @@ FORMATS: Final[tuple[str, ...]] = (
     "asc",
     "blf",
     "jetdrive",
+    "mlg",
+    "csv",
+    "trc",
 )
 
 
@@ -44,6 +50,8 @@ _READERS: dict[str, ReaderFactory] = {
     "powervision": PowerVisionReader,
     "winpep": WinPepReader,
     "msl": MslReader,
+    "mlg": MlgReader,
+    "csv": DelimitedReader,
 }
 
 

@@ -1,13 +1,14 @@
 """Guess a log file's format from its first bytes (``--format auto``).
 
-Rules, first match wins: BLF magic ``LOGG`` -> ``blf``; a pcap or pcapng magic number ->
-``jetdrive`` (a capture of the dyno's UDP stream); first line ``Dynojet Power Vision Log
+Rules, first match wins: BLF magic ``LOGG`` -> ``blf``; ``MLVLG`` -> ``mlg``; a pcap or pcapng magic
+number -> ``jetdrive`` (a capture of the dyno's UDP stream); first line ``Dynojet Power Vision Log
 File`` -> ``powervision``; candump lines ``(1699999999.123456) can0 123#...`` ->
-``candump``; Vector ``date ...`` / ``base hex`` lines -> ``asc``; a comma header starting
+``candump``; Vector ``date ...`` / ``base hex`` lines -> ``asc``; a PCAN-View
+``;$FILEVERSION`` first line -> ``trc``; a comma header starting
 with ``time_s`` -> ``canonical``; a tab-separated names row with a ``Time`` column (or the
 ``.msl`` extension with tabs) -> ``msl``; a comma header with a time column and at least
-one other known channel name -> ``winpep``. Anything else is an error that asks for
-``--format``.
+one other known channel name -> ``winpep``; a ``;``-separated header with a time column ->
+``csv``. Anything else is an error that asks for ``--format``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from dynoai_daemon.channels import TIME_COLUMN
 from dynoai_daemon.errors import InputError, LogFormatError
 from dynoai_daemon.logs.base import decode_text
+from dynoai_daemon.logs.mlg import MAGIC as MLG_MAGIC
 from dynoai_daemon.logs.powervision import MAGIC
 from dynoai_daemon.logs.units import ALIASES, normalize_name, split_unit
 from dynoai_daemon.logs.winpep import find_time_column
@@ -49,6 +51,8 @@ def sniff_format(path: str | Path) -> str:
         raise InputError(f"cannot read log: {exc.strerror or exc}", path=str(p)) from exc
     if head.startswith(b"LOGG"):
         return "blf"
+    if head.startswith(MLG_MAGIC):
+        return "mlg"
     if head[:4] in _PCAP_MAGICS or head[:4] == _PCAPNG_MAGIC:
         return "jetdrive"
     raw_lines = head.split(b"\n")
@@ -65,6 +69,8 @@ def sniff_format(path: str | Path) -> str:
         return "candump"
     if any(_ASC.match(ln.strip()) for ln in content[:5]):
         return "asc"
+    if first.startswith(";$FILEVERSION") or (p.suffix.lower() == ".trc" and first[:1] == ";"):
+        return "trc"
     if "," in first or first == TIME_COLUMN:
         try:
             names = [n.strip() for n in next(csv.reader([first]))]
@@ -95,9 +101,16 @@ def sniff_format(path: str | Path) -> str:
         ]
         if known:
             return "winpep"
+    for ln in content[:50]:
+        if ";" not in ln:
+            continue
+        names = [n.strip().strip('"') for n in ln.split(";")]
+        if find_time_column(names) is not None:
+            return "csv"
     raise LogFormatError(
         "cannot tell the log format; pass --format "
-        "(canonical, powervision, winpep, msl, candump, asc, blf, jetdrive)",
+        "(canonical, powervision, winpep, msl, mlg, csv with --columns, candump, asc, blf, "
+        "trc, jetdrive)",
         path=str(p),
         line=1,
     )

@@ -110,7 +110,7 @@ _TIME: Final[dict[str, tuple[float, float]]] = {
     "milliseconds": (0.001, 0.0),
 }
 _LAMBDA_UNITS: Final = frozenset({"lambda", "λ", "lam"})
-_AFR_UNITS: Final = frozenset({"afr", "a/f", "ratio", ":1", "1"})
+_AFR_UNITS: Final = frozenset({"afr", "a/f", "ratio", ":1", "1", "o2"})
 
 _QUANTITY: Final[dict[str, str]] = {
     "rpm": "rpm",
@@ -220,6 +220,7 @@ def _alias_table() -> dict[str, Alias]:
             "knock1",
             "knockretard",
             "knockretard1",
+            "knockret",
             "sparkknockf",
             "knockretardf",
         ),
@@ -245,7 +246,9 @@ def _alias_table() -> dict[str, Alias]:
     for n in ("setlambda", "lambdatarget", "lambdatarget1", "targetlambda", "lambdatgt"):
         table[n] = Alias(("afr_target",), lambda_default=True)
     # One ignition advance for the whole engine applies to both cylinders.
-    for n in ("advance", "spkadv", "sparkadvance", "timing", "ignitionadvance", "ignadv"):
+    for n in (
+        "advance", "spkadv", "sparkadvance", "timing", "ignitionadvance", "ignadv", "sparkadv",
+    ):  # fmt: skip
         table[n] = Alias(("spark_front_deg", "spark_rear_deg"))
     return table
 
@@ -272,6 +275,8 @@ class ColumnPlan:
     outputs: list[list[Output]]
     source_of: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: output channel -> the unit text of its source column (as the log spells it)
+    unit_of: dict[str, str] = field(default_factory=dict)
 
 
 def map_columns(
@@ -315,6 +320,7 @@ def map_columns(
                     break
                 outputs[i].append(Output(ch, conv[0], conv[1]))
                 plan.source_of[ch] = name
+                plan.unit_of[ch] = unit
                 taken.add(ch)
     pending = [i for i in range(len(columns)) if i not in skipped and not outputs[i]]
     for i in pending:

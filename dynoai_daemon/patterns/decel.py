@@ -43,9 +43,12 @@ def extract(decels: Sequence[DecelEvent], decel_tps_pct: float) -> dict[str, Any
     if not popping:
         return None
     sev = pop_severity(popping)
-    rpm_hi = max(d.rpm_start for d in popping)
-    rpm_lo = min(d.rpm_end if not math.isnan(d.rpm_end) else d.rpm_start for d in popping)
-    rpm_lo = max(rpm_lo, 1500.0)
+    # The range spans every start and end rpm: an event's rpm can end above where it
+    # started (the engine picks up during the coast), so neither side is assumed.
+    rpms = [d.rpm_start for d in popping]
+    rpms += [d.rpm_end for d in popping if not math.isnan(d.rpm_end)]
+    rpm_hi = max(rpms)
+    rpm_lo = min(max(min(rpms), 1500.0), rpm_hi)
     zones = []
     for lo, hi, base in BANDS:
         if hi > rpm_lo and lo < rpm_hi:

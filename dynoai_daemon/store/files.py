@@ -279,6 +279,11 @@ class SessionStore:
         with self._lock:
             return self._read_dataset(cached=False)
 
+    def dataset_session_ids(self) -> set[str]:
+        """The ids of the sessions already in ``dataset.json`` (empty when there is none)."""
+        with self._dataset_lock():
+            return {s.session_id for s in self._read_dataset(cached=True).sessions}
+
     def save_dataset(self, dataset: TrainingDataset) -> Path:
         """Write ``dataset.json`` atomically (with its summary)."""
         with self._dataset_lock():
@@ -288,14 +293,20 @@ class SessionStore:
     def append_many_to_dataset(self, sessions: Sequence[TuningSession]) -> dict[str, Any]:
         """Add several sessions to ``dataset.json`` with one write (replay, recovery).
 
-        Same rules as :meth:`append_to_dataset`; rewriting the file once instead of once
-        per session keeps a long replay linear in its number of runs.
+        Like :meth:`append_to_dataset`, except that a session whose id is already in the
+        dataset is not added again (a log replayed twice gives the same ids: the training
+        data never holds a run twice). Rewriting the file once instead of once per
+        session keeps a long replay linear in its number of runs.
         """
         with self._dataset_lock():
             dataset = self._read_dataset(cached=True)
             self._cached = None
             collector = TrainingDataCollector.from_dataset(dataset)
+            known = {s.session_id for s in dataset.sessions}
             for session in sessions:
+                if session.session_id in known:
+                    continue
+                known.add(session.session_id)
                 collector.add_session(session)
                 collector.extract_session_patterns(session)
             atomic_write_text(self.dataset_path, dataset.to_json())
