@@ -110,16 +110,13 @@ REAL_AEM_OFF = bytes.fromhex("FFFF 51D6 00 00 00 00")
 
 def test_aemnet_frames_of_a_real_gauge(tmp_path: Path) -> None:
     c = aemnet.AemNetCodec()
-    # The gauge sets "valid" while reading full scale in free air: the codec reports what
-    # the device says (an AFR of 6.5535 x 14.7); the core's 9-20 AFR gate keeps it out of
-    # every cell.
-    assert as_dict(c.decode(0x180, REAL_AEM_FREE_AIR, True)) == {
-        "afr_front": pytest.approx(0xFFFF * 0.0001 * 14.7),
-        "afr_front_status": NORMAL,
-    }
+    # The gauge sets "valid" while reading full scale in free air (lambda 0xFFFF): that is
+    # no reading, so the status is INVALID and no AFR is reported (an AFR of 96 at key-on
+    # would fire a false lean alert with MAP at barometric).
+    assert as_dict(c.decode(0x180, REAL_AEM_FREE_AIR, True)) == {"afr_front_status": INVALID}
     assert as_dict(c.decode(0x180, REAL_AEM_NOT_VALID, True)) == {"afr_front_status": INVALID}
     assert as_dict(c.decode(0x180, REAL_AEM_OFF, True)) == {"afr_front_status": INVALID}
-    assert c.counters == {"lambda_invalid": 2, "sensor_fault": 0}
+    assert c.counters == {"lambda_invalid": 2, "sensor_fault": 0, "lambda_no_reading": 1}
     # The same three lines as a candump capture through the driver's offline decoder.
     log = tmp_path / "aem_gauge.log"
     log.write_text(
@@ -131,8 +128,7 @@ def test_aemnet_frames_of_a_real_gauge(tmp_path: Path) -> None:
     assert (stats.messages, stats.bad_frames) == (3, 0)
     got = [(s.t, s.channel, s.value) for s in samples]
     assert got == [
-        (pytest.approx(1663615284.981481), "afr_front", pytest.approx(96.33645)),
-        (pytest.approx(1663615284.981481), "afr_front_status", NORMAL),
+        (pytest.approx(1663615284.981481), "afr_front_status", INVALID),
         (pytest.approx(1663615289.779060), "afr_front_status", INVALID),
         (pytest.approx(1663615290.0), "afr_front_status", INVALID),
     ]
@@ -153,9 +149,9 @@ def test_aemnet_whole_real_capture() -> None:
     assert (stats.messages, stats.bad_frames) == (646, 0)
     assert stats.extra["other_frames"] == 8202 and stats.extra["records"] == 8848
     status = [s.value for s in samples if s.channel == "afr_front_status"]
-    assert (status.count(NORMAL), status.count(INVALID)) == (331, 315)
-    afr = {round(s.value, 3) for s in samples if s.channel == "afr_front"}
-    assert afr == {round(0xFFFF * 0.0001 * 14.7, 3)}  # free air only: the engine never ran
+    # 331 free-air frames (0xFFFF with the valid bit) and 315 flagged invalid: no reading.
+    assert (status.count(NORMAL), status.count(INVALID)) == (0, 646)
+    assert not [s for s in samples if s.channel == "afr_front"]  # the engine never ran
 
 
 def test_aemnet_stoich_and_channel_map() -> None:
