@@ -34,6 +34,7 @@ from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscar
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.service.arbiter import ChannelArbiter
+from dynoai_daemon.service.predictions import Predictions
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
 
 log = structlog.get_logger("dynoai.daemon")
@@ -239,6 +240,8 @@ class Daemon:
         self.arbiter = ChannelArbiter(())
         self._since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.store: Any = None
+        self.predictions = Predictions(self.data_dir / "models")
+        self._predict_tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,6 +296,8 @@ class Daemon:
                 ]
                 health_task = tg.create_task(self._health_loop(), name="health")
                 wd_task = tg.create_task(watchdog_task(notifier, self.healthy), name="watchdog")
+                if self.builder.build_config is not None:
+                    self._schedule_predictions(self.builder.build_config)
                 notifier.ready(f"station {self.settings.station}: {len(drivers)} source(s)")
                 self._ready.set()
                 log.info("daemon started", station=self.settings.station, sources=list(drivers))
@@ -315,6 +320,10 @@ class Daemon:
                 self._sessions_q.put_nowait(None)
                 await asyncio.wait([sessions_task], timeout=4.0)
                 sessions_task.cancel()
+                for t in self._predict_tasks:
+                    t.cancel()
+                if self._predict_tasks:
+                    await asyncio.wait(self._predict_tasks, timeout=2.0)
                 if pub is not None and mqtt_task is not None:
                     self._publish_retained(pub, "run/current", None)
                     await _bounded(pub.stop(flush_timeout=2.5), 3.5, "mqtt stop")
@@ -648,6 +657,17 @@ class Daemon:
             {"run_id": run.run_id, "start_s": run.start_t, "cells_covered": covered},
         )
 
+    def _schedule_predictions(self, build: BuildConfiguration) -> None:
+        """Publish the models' predictions for ``build`` (retained) in the background."""
+        if self._publisher is None:
+            return
+        task = asyncio.create_task(
+            self.predictions.publish(self._publisher, build.model_dump(mode="json")),
+            name="predictions",
+        )
+        self._predict_tasks.add(task)
+        task.add_done_callback(self._predict_tasks.discard)
+
     def _publish_retained(
         self, pub: Publisher, suffix: str, payload: dict[str, Any] | None
     ) -> None:
@@ -762,5 +782,6 @@ class Daemon:
         if cmd == "build/set":
             build = BuildConfiguration.model_validate(body.get("build", body))
             self.builder.build_config = build
+            self._schedule_predictions(build)
             return {"build": build.model_dump(mode="json")}
         raise ValueError(f"unknown command {cmd}")
