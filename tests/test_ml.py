@@ -100,7 +100,9 @@ def test_unseen_builds_are_predicted_closer_than_the_fleet_mean(trained: dict[st
     for i in range(8):
         build = random_build(rng)
         day = random_day(rng, soak=False)
-        sc = build_scenario(build, day, session_plan(rng, soak=False, short=True), name=f"u{i}", seed=i)
+        sc = build_scenario(
+            build, day, session_plan(rng, soak=False, short=True), name=f"u{i}", seed=i
+        )
         truth = _true_region_deltas(Simulation(sc))
         bc = sc.build.to_build_config()
         bc["exhaust_type"] = sc.build.exhaust_type
@@ -123,7 +125,7 @@ def _build_file(tmp: Path) -> Path:
         '[build]\nengine_family = "milwaukee_8"\ndisplacement_ci = 117\ncompression_ratio = 10.7\n'
         'stage = "stage_2"\nexhaust_type = "true_dual"\nheader_length_delta_in = 4.0\n'
         "pair_valve_present = false\noctane_requirement = 93\n"
-        "[build.cam_spec]\nprofile = \"s_and_s_585\"\nintake_duration_deg = 240\n"
+        '[build.cam_spec]\nprofile = "s_and_s_585"\nintake_duration_deg = 240\n'
         "exhaust_duration_deg = 248\nlobe_separation_angle_deg = 104\n"
         "overlap_deg_front = 48\noverlap_deg_rear = 42\n"
         "[conditions]\nambient_temp_f = 90.0\n"
@@ -134,7 +136,16 @@ def _build_file(tmp: Path) -> Path:
 def test_predict_json_has_the_kinds_as_keys(
     trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = main(["predict", "--build", str(_build_file(tmp_path)), "--models", str(trained["folder"]), "--json"])
+    rc = main(
+        [
+            "predict",
+            "--build",
+            str(_build_file(tmp_path)),
+            "--models",
+            str(trained["folder"]),
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == set(KINDS)

@@ -62,8 +62,9 @@ def read_build_file(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
         raise InputError(f"build.{where}: {e['msg']}, {path}") from exc
     out = build.model_dump(mode="json")
     out["exhaust_type"] = spec.exhaust_type
-    cond = doc.get("conditions") if isinstance(doc.get("conditions"), dict) else {}
-    heat = doc.get("heat_soak") if isinstance(doc.get("heat_soak"), dict) else {}
+    c_raw, h_raw = doc.get("conditions"), doc.get("heat_soak")
+    cond: dict[str, Any] = c_raw if isinstance(c_raw, dict) else {}
+    heat: dict[str, Any] = h_raw if isinstance(h_raw, dict) else {}
     for name, table in (("conditions", cond), ("heat_soak", heat)):
         for k, v in table.items():
             if not isinstance(v, int | float) or isinstance(v, bool):
@@ -83,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     build, cond, heat = read_build_file(args.build)
     models, card = load_models(args.models or DEFAULT_MODELS)
-    pred = predict_build(
-        {k: m for k, m in models.items()}, build, conditions=cond, heat=heat
-    )
+    pred = predict_build({k: m for k, m in models.items()}, build, conditions=cond, heat=heat)
     if args.json:
         print(json.dumps(pred, indent=1))
         return 0
@@ -112,12 +111,16 @@ def _print_table(pred: dict[str, Any], card: dict[str, Any]) -> None:
     imb = pred.get("cylinder_imbalance")
     if imb is not None:
         cells = imb["imbalance_cells"]
-        shown = ", ".join(f"{c['rpm']:.0f}/{c['map_kpa']:.0f} {c['afr_delta']:+.2f}" for c in cells[:6])
+        shown = ", ".join(
+            f"{c['rpm']:.0f}/{c['map_kpa']:.0f} {c['afr_delta']:+.2f}" for c in cells[:6]
+        )
         table.add_row("cylinder_imbalance", "cells |rear-front| >= 0.5 AFR", shown or "none")
     dec = pred.get("decel_popping", {})
     if "pop_probability" in dec:
         p = dec["pop_probability"]
-        table.add_row("decel_popping", "pop probability", f"{p['value']:.2f} ± {p['uncertainty']:.2f}")
+        table.add_row(
+            "decel_popping", "pop probability", f"{p['value']:.2f} ± {p['uncertainty']:.2f}"
+        )
     for z in dec.get("enrichment_zones", []):
         table.add_row(
             "decel_popping",
@@ -128,9 +131,16 @@ def _print_table(pred: dict[str, Any], card: dict[str, Any]) -> None:
     if heat is not None:
         table.add_row("heat_soak", "VE inflation (%)", _vu(heat["ve_inflation_pct"]))
     kn = pred.get("knock_timing", {})
-    for k in ("safe_advance_idle", "safe_advance_cruise", "safe_advance_midrange", "safe_advance_wot"):
+    for k in (
+        "safe_advance_idle",
+        "safe_advance_cruise",
+        "safe_advance_midrange",
+        "safe_advance_wot",
+    ):
         if k in kn:
             table.add_row("knock_timing", f"{k} (deg)", _vu(kn[k]))
     con = Console()
     con.print(table)
-    con.print(f"models trained on dataset {str(card.get('dataset_digest', '?'))[:12]}", highlight=False)
+    con.print(
+        f"models trained on dataset {str(card.get('dataset_digest', '?'))[:12]}", highlight=False
+    )

@@ -58,10 +58,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"no sessions to learn from, {data_dir / 'sessions'}")
     print(
         f"{tables.sessions} session(s) read from {data_dir / 'sessions'}"
-        + (f", {tables.skipped_no_build} without a build (skipped)" if tables.skipped_no_build else "")
+        + (
+            f", {tables.skipped_no_build} without a build (skipped)"
+            if tables.skipped_no_build
+            else ""
+        )
     )
-    header = f"{'model':20s} {'part':11s} {'metric':8s} {'cv model':>9s} {'baseline':>9s} folds builds sessions"
-    print(header)
+    print(
+        f"{'model':20s} {'part':11s} {'metric':8s} {'cv model':>9s} {'baseline':>9s} "
+        "folds builds sessions"
+    )
 
     def show(r: KindResult) -> None:
         if r.skipped is not None:

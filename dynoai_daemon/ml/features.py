@@ -160,4 +160,3 @@ def to_matrix(rows: Sequence[Mapping[str, Any]], kind: str) -> ObjArray:
             else:
                 out[i, j] = _num(v)
     return out
-

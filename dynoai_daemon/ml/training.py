@@ -132,9 +132,9 @@ def _baseline(
     overall = y[list(train)].mean(axis=0)
     out = np.empty((len(test), y.shape[1]))
     for n, i in enumerate(test):
-        for key in (
-            ((table.families[i], table.keys[i]),) if long_format else ()
-        ) + ((table.families[i],),):
+        for key in (((table.families[i], table.keys[i]),) if long_format else ()) + (
+            (table.families[i],),
+        ):
             if counts.get(key):
                 out[n] = sums[key] / counts[key]
                 break

@@ -65,7 +65,7 @@ class Predictions:
     def payload(self, build: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """``(build_id, payload)`` for a build, or None without usable models (CPU work:
         call it in an executor)."""
-        from dynoai_daemon.ml.predict import prediction_payload, predict_build
+        from dynoai_daemon.ml.predict import predict_build, prediction_payload
 
         if not self._load() or self._models is None:
             return None
