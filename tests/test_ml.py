@@ -275,3 +275,52 @@ async def test_build_set_publishes_predictions_retained(
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 15)
+
+
+async def test_daemon_with_a_build_in_its_config_publishes_at_start(
+    trained: dict[str, Any], tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    _copy_models(trained["folder"], tmp_path / "models")
+    build = {"engine_family": "sportster", "displacement_ci": 88, "stage": "stage_1"}
+    settings = Settings(
+        station="mlstart",
+        data_dir=tmp_path,
+        mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}"},
+        build=build,
+    )
+    daemon = Daemon(settings, drivers={})
+    async with Subscriber(mosquitto.port, "dynoai/mlstart/predict/+") as sub:
+        task = asyncio.create_task(daemon.run())
+        try:
+            m = await sub.wait_for(lambda r: bool(r.payload), within=30)
+            bid = build_id(daemon.builder.build_config.model_dump(mode="json"))
+            assert m.topic == f"dynoai/mlstart/predict/{bid}"
+            assert daemon.predictions.published == 1
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(task, 15)
+
+
+async def test_refused_models_publish_nothing(
+    trained: dict[str, Any], tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    folder = _copy_models(trained["folder"], tmp_path / "models")
+    (folder / "evil.pkl").write_bytes(pickle.dumps(_Boom(tmp_path / "ran")))
+    settings = Settings(
+        station="mlbad",
+        data_dir=tmp_path,
+        mqtt={"url": f"mqtt://127.0.0.1:{mosquitto.port}"},
+        build={"engine_family": "twin_cam", "displacement_ci": 103},
+    )
+    daemon = Daemon(settings, drivers={})
+    task = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        while daemon._predict_tasks:
+            await asyncio.wait(set(daemon._predict_tasks), timeout=10)
+        assert daemon.predictions.published == 0
+        assert "evil.pkl" in (daemon.predictions.last_error or "")
+        assert not (tmp_path / "ran").exists()
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 15)
