@@ -31,6 +31,7 @@ from dynoai_daemon.patterns.cells import REGIONS
 from dynoai_daemon.service.daemon import Daemon
 from simulators.dyno import Simulation
 from simulators.fleet import build_scenario, generate_fleet, random_build, random_day, session_plan
+from simulators.truth import steady_weights
 from tests.mosquitto import MosquittoBroker, Subscriber
 
 FLEET_BUILDS = 20
@@ -77,13 +78,15 @@ def test_every_model_beats_its_baseline_in_build_grouped_cv(trained: dict[str, A
 
 
 def _true_region_deltas(sim: Simulation) -> dict[str, float]:
-    """Mean over both cylinders and the region's cells of (true VE / ECU VE - 1) x 100."""
+    """Mean over both cylinders of (true VE / ECU VE - 1) x 100 in the region's cells that
+    a session of the build learns from (steady weight >= 3), clipped to the core's 15 %."""
     t = sim.engine.tables
     rpm = t.rpm_axis[:, None]
     kpa = t.map_axis[None, :]
+    seen = steady_weights(sim) >= 3.0
     out = {}
     for name, (r0, r1, k0, k1) in REGIONS.items():
-        mask = (rpm >= r0) & (rpm <= r1) & (kpa >= k0) & (kpa <= k1)
+        mask = (rpm >= r0) & (rpm <= r1) & (kpa >= k0) & (kpa <= k1) & seen
         vals = np.concatenate([(t.ratio_front[mask] - 1) * 100, (t.ratio_rear[mask] - 1) * 100])
         out[f"ve_delta_{name}"] = float(np.clip(vals, -15, 15).mean())
     return out
@@ -111,7 +114,7 @@ def test_unseen_builds_are_predicted_closer_than_the_fleet_mean(trained: dict[st
             err_model.append(abs(pred[t]["value"] - truth[t]))
             err_mean.append(abs(fleet_mean[j] - truth[t]))
             assert pred[t]["uncertainty"] >= 0
-    assert np.mean(err_model) < 0.75 * np.mean(err_mean), (np.mean(err_model), np.mean(err_mean))
+    assert np.mean(err_model) < 0.6 * np.mean(err_mean), (np.mean(err_model), np.mean(err_mean))
 
 
 def _copy_models(src: Path, dst: Path) -> Path:

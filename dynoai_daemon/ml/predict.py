@@ -1,6 +1,6 @@
 """Predictions of the five models for one build, each value with an uncertainty.
 
-The uncertainty of a forest's output is the standard deviation of its trees' outputs
+The uncertainty of a tree ensemble's output is the standard deviation of its trees' outputs
 (how much the training builds disagree near this one); for the pop probability it is
 the spread of the trees' votes. Per-cell models are evaluated on the project's grid
 axes. Conditions default to a mild day (75 F, 29.92 inHg, 500 ft, IAT peak ambient +

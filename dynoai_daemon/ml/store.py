@@ -34,14 +34,14 @@ TRUSTED_TYPES: frozenset[str] = frozenset(
         "numpy.dtype",
         "sklearn.tree._tree.Tree",
         "sklearn.compose._column_transformer.ColumnTransformer",
-        "sklearn.ensemble._forest.RandomForestClassifier",
-        "sklearn.ensemble._forest.RandomForestRegressor",
+        "sklearn.ensemble._forest.ExtraTreesClassifier",
+        "sklearn.ensemble._forest.ExtraTreesRegressor",
         "sklearn.impute._base.MissingIndicator",
         "sklearn.impute._base.SimpleImputer",
         "sklearn.pipeline.Pipeline",
         "sklearn.preprocessing._encoders.OneHotEncoder",
-        "sklearn.tree._classes.DecisionTreeClassifier",
-        "sklearn.tree._classes.DecisionTreeRegressor",
+        "sklearn.tree._classes.ExtraTreeClassifier",
+        "sklearn.tree._classes.ExtraTreeRegressor",
         "sklearn.utils._bunch.Bunch",
     }
 )
