@@ -221,6 +221,14 @@ def test_bad_build_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["predict", "--build", str(tmp_path / "none.toml")]) == 2
     assert main(["train", "--data-dir", str(tmp_path / "empty")]) == 2
     assert "no sessions folder" in capsys.readouterr().err
+    (tmp_path / "d" / "sessions").mkdir(parents=True)
+    (tmp_path / "d" / "sessions" / "broken.json").write_text('{"session_id": ')
+    assert main(["train", "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: session file not readable as JSON") and "broken.json" in err
+    p.write_text('[build]\nengine_family = "twin_cam"\ndisplacement_ci = 103\n')
+    assert main(["predict", "--build", str(p), "--models", str(tmp_path / "nomodels")]) == 2
+    assert "no models folder" in capsys.readouterr().err
 
 
 def test_fleet_cli_then_train_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
