@@ -203,6 +203,14 @@ def test_untrusted_type_and_other_sklearn_major_are_refused(
     rc = main(["predict", "--build", str(_build_file(tmp_path)), "--models", str(folder)])
     err = capsys.readouterr().err
     assert rc == 2 and "untrusted types" in err and "heat_soak.skops" in err
+    # An estimator skops itself trusts by default is refused too: it is not one of ours.
+    from sklearn.linear_model import LinearRegression
+
+    linear = LinearRegression().fit(x, x[:, 0])
+    sio.dump({"kind": "heat_soak", "parts": {"x": linear}}, folder / "heat_soak.skops")
+    rc = main(["predict", "--build", str(_build_file(tmp_path)), "--models", str(folder)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sklearn.linear_model._base.LinearRegression" in err
     folder = _copy_models(trained["folder"], tmp_path / "m3")
     card = json.loads((folder / "model_card.json").read_text())
     card["models"]["knock_timing"]["sklearn"] = "0.24.2"

@@ -1,6 +1,8 @@
 """``dynoai predict``: the pattern models' predictions for one build.
 
-``--build FILE`` is a TOML file with a ``[build]`` table (a scenario file works); an
+``--build FILE`` is a TOML file with a ``[build]`` table (a scenario file works),
+validated as the seed's BuildConfiguration exactly as ``build/set`` is (a field left out
+stays missing and the models impute it, never a simulator default); an
 optional ``[conditions]`` table (ambient_temp_f, barometric_pressure_inhg, altitude_ft,
 iat_peak_f) sets the day and an optional ``[heat_soak]`` table (iat_peak_f,
 iat_soak_time_min, airflow_cfm, iat_initial_f) the soak to predict the inflation for.
@@ -42,7 +44,6 @@ def read_build_file(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
 
     from dynoai_daemon.errors import InputError
     from dynoai_daemon.models import BuildConfiguration
-    from simulators.scenario import BuildSpec
 
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -54,14 +55,12 @@ def read_build_file(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str
     if not isinstance(raw, dict):
         raise InputError(f"no [build] table, {path}")
     try:
-        spec = BuildSpec.model_validate(raw)
-        build = BuildConfiguration.model_validate(spec.to_build_config())
+        build = BuildConfiguration.model_validate(raw)
     except ValidationError as exc:
         e = exc.errors()[0]
         where = ".".join(str(x) for x in e["loc"])
         raise InputError(f"build.{where}: {e['msg']}, {path}") from exc
     out = build.model_dump(mode="json")
-    out["exhaust_type"] = spec.exhaust_type
     c_raw, h_raw = doc.get("conditions"), doc.get("heat_soak")
     cond: dict[str, Any] = c_raw if isinstance(c_raw, dict) else {}
     heat: dict[str, Any] = h_raw if isinstance(h_raw, dict) else {}

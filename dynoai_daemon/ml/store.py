@@ -4,8 +4,10 @@ A model file is a skops archive (never a pickle) holding ``{"kind", "parts": {na
 {"estimator", "columns", "targets", "metric"}}}``. Loading never executes anything
 untrusted: the folder may hold only ``*.skops`` files of the five kinds and
 ``model_card.json`` (anything else, e.g. a ``.pkl``, refuses the whole folder); each
-file's types are listed with ``skops.io.get_untrusted_types`` and every one must be on
-:data:`TRUSTED_TYPES` (the exact classes our pipelines use), else the file is refused; a
+file's types (every class its schema names, read as JSON, plus what
+``skops.io.get_untrusted_types`` reports) must all be on :data:`TRUSTED_TYPES` (the exact
+classes our pipelines use, so even an estimator skops trusts by default is refused when
+it is not ours), else the file is refused; a
 card whose scikit-learn major version differs from the installed one is refused. Every
 refusal is an :class:`~dynoai_daemon.errors.InputError` naming the file.
 """
@@ -28,9 +30,24 @@ from dynoai_daemon.ml.targets import KINDS
 from dynoai_daemon.store.files import atomic_write_json
 
 CARD = "model_card.json"
-#: Types skops does not trust by default that our files legitimately contain.
+#: Every type our model files legitimately contain: a file naming any other type (even
+#: one skops would trust by default, e.g. another estimator) is refused.
 TRUSTED_TYPES: frozenset[str] = frozenset(
     {
+        "builtins.bool",
+        "builtins.dict",
+        "builtins.float",
+        "builtins.int",
+        "builtins.list",
+        "builtins.NoneType",
+        "builtins.slice",
+        "builtins.str",
+        "builtins.tuple",
+        "numpy.bool_",
+        "numpy.float64",
+        "numpy.int64",
+        "numpy.intp",
+        "numpy.ndarray",
         "numpy.dtype",
         "sklearn.tree._tree.Tree",
         "sklearn.compose._column_transformer.ColumnTransformer",
@@ -125,6 +142,31 @@ def check_folder(folder: str | Path) -> list[Path]:
     return files
 
 
+def _schema_types(path: Path) -> set[str]:
+    """Every ``module.class`` the archive's schema names (read as JSON, nothing built).
+
+    Raises:
+        InputError: the archive has no readable schema.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            schema = json.loads(z.read("schema.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"model file has no readable schema: {exc}, {path}") from exc
+    found: set[str] = set()
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            mod, cls = node.get("__module__"), node.get("__class__")
+            if isinstance(mod, str) and isinstance(cls, str):
+                found.add(f"{mod}.{cls}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
 def load_model(path: str | Path) -> dict[str, Any]:
     """Load one ``.skops`` file after checking every type it holds.
 
@@ -138,7 +180,7 @@ def load_model(path: str | Path) -> dict[str, Any]:
         untrusted = sio.get_untrusted_types(file=p)
     except Exception as exc:
         raise InputError(f"model file not readable: {exc}, {p}") from exc
-    bad = sorted(set(untrusted) - TRUSTED_TYPES)
+    bad = sorted((set(untrusted) | _schema_types(p)) - TRUSTED_TYPES)
     if bad:
         raise InputError(f"model file holds untrusted types {', '.join(bad)} (refused), {p}")
     try:
