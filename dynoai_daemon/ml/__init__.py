@@ -7,3 +7,7 @@ writes the model card, ``store`` saves and loads ``<kind>.skops`` files with an 
 list of trusted types, and ``predict`` answers for a build. scikit-learn and skops are
 imported by these modules only, so the daemon pays for them only when models are used.
 """
+
+#: The model card's file name in a models folder (here so that the daemon can look for it
+#: without importing scikit-learn).
+MODEL_CARD = "model_card.json"

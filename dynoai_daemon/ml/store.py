@@ -26,10 +26,11 @@ import sklearn
 import skops.io as sio
 
 from dynoai_daemon.errors import InputError
+from dynoai_daemon.ml import MODEL_CARD
 from dynoai_daemon.ml.targets import KINDS
 from dynoai_daemon.store.files import atomic_write_json
 
-CARD = "model_card.json"
+CARD = MODEL_CARD
 #: Every type our model files legitimately contain: a file naming any other type (even
 #: one skops would trust by default, e.g. another estimator) is refused.
 TRUSTED_TYPES: frozenset[str] = frozenset(

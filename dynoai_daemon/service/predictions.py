@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from dynoai_daemon.errors import InputError
+from dynoai_daemon.ml import MODEL_CARD
 from dynoai_daemon.ml.features import build_id
 
 log = structlog.get_logger(__name__)
@@ -41,9 +42,9 @@ class Predictions:
         self.last_error: str | None = None
 
     def _load(self) -> bool:
-        from dynoai_daemon.ml.store import CARD, load_models
-
-        card = self.models_dir / CARD
+        # Look for the card first: without models, scikit-learn is never imported (its
+        # import costs a second of CPU the live path should not pay).
+        card = self.models_dir / MODEL_CARD
         try:
             stamp = card.stat().st_mtime
         except OSError:
@@ -52,6 +53,8 @@ class Predictions:
             self._models, self._stamp = None, -1.0
             return False
         if stamp != self._stamp:
+            from dynoai_daemon.ml.store import load_models
+
             self._stamp = stamp
             try:
                 self._models, self._card = load_models(self.models_dir)
@@ -65,10 +68,10 @@ class Predictions:
     def payload(self, build: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
         """``(build_id, payload)`` for a build, or None without usable models (CPU work:
         call it in an executor)."""
-        from dynoai_daemon.ml.predict import predict_build, prediction_payload
-
         if not self._load() or self._models is None:
             return None
+        from dynoai_daemon.ml.predict import predict_build, prediction_payload
+
         pred = predict_build(self._models, build)
         return build_id(build), prediction_payload(pred, build, self._card)
 
