@@ -343,3 +343,21 @@ async def test_refused_models_publish_nothing(
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 15)
+
+
+def test_first_guess_ve_scales_a_base_table_on_its_own_axes() -> None:
+    from dynoai_daemon.ml.predict import first_guess_ve
+
+    cells = {
+        "rpm_axis": [1000.0, 3000.0],
+        "map_axis": [20.0, 100.0],
+        "front": [[0.0, 10.0], [-10.0, 20.0]],
+        "rear": [[0.0, 0.0], [0.0, 0.0]],
+    }
+    base = [[50.0, 50.0, 50.0], [80.0, 80.0, 80.0]]
+    out = first_guess_ve(cells, base, [1000.0, 2000.0], [20.0, 60.0, 150.0])
+    # (2000, 60) is the centre of the grid: the mean of the four corners = +5 %
+    assert out == [[50.0, 52.5, 55.0], [76.0, 84.0, 92.0]]
+    assert first_guess_ve(cells, base, [1000.0, 2000.0], [20.0, 60.0, 150.0], "rear") == base
+    with pytest.raises(ValueError):
+        first_guess_ve(cells, base, [1000.0], [20.0, 60.0, 150.0])

@@ -171,3 +171,35 @@ def prediction_payload(
         "dataset_digest": card.get("dataset_digest"),
         "predictions": dict(predictions),
     }
+
+
+def first_guess_ve(
+    cells: Mapping[str, Any],
+    base: Sequence[Sequence[float]],
+    rpm_axis: Sequence[float],
+    map_axis: Sequence[float],
+    cylinder: str = "front",
+) -> list[list[float]]:
+    """A first-guess VE table for a base tune: ``base x (1 + predicted correction / 100)``.
+
+    ``cells`` is the ``ve_scaling.cells`` prediction (on its own grid); it is evaluated
+    bilinearly (clamped at the edges) at each of the tune's breakpoints (``rpm_axis`` x
+    ``map_axis`` in kPa, ``base[rpm_i][map_j]``), for ``cylinder`` ("front" or "rear").
+    Values keep one decimal, as tune tables do.
+
+    Raises:
+        ValueError: the base table's shape does not match the axes.
+    """
+    grid = np.asarray(cells[cylinder], dtype=np.float64)
+    gr = np.asarray(cells["rpm_axis"], dtype=np.float64)
+    gm = np.asarray(cells["map_axis"], dtype=np.float64)
+    b = np.asarray(base, dtype=np.float64)
+    if b.shape != (len(rpm_axis), len(map_axis)):
+        raise ValueError(f"base table is {b.shape}, axes are {len(rpm_axis)} x {len(map_axis)}")
+    r = np.clip(np.asarray(rpm_axis, dtype=np.float64), gr[0], gr[-1])
+    m = np.clip(np.asarray(map_axis, dtype=np.float64), gm[0], gm[-1])
+    # Interpolate along MAP for every grid row, then along rpm for every column.
+    along_map = np.stack([np.interp(m, gm, row) for row in grid])
+    pct = np.stack([np.interp(r, gr, along_map[:, j]) for j in range(m.size)], axis=1)
+    out: list[list[float]] = np.round(b * (1.0 + pct / 100.0), 1).tolist()
+    return out
