@@ -22,6 +22,7 @@ import structlog
 from dynoai_daemon.errors import InputError
 from dynoai_daemon.ml import MODEL_CARD
 from dynoai_daemon.ml.features import build_id
+from dynoai_daemon.ml.predict import predict_build, prediction_payload
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +71,6 @@ class Predictions:
         call it in an executor)."""
         if not self._load() or self._models is None:
             return None
-        from dynoai_daemon.ml.predict import predict_build, prediction_payload
-
         pred = predict_build(self._models, build)
         return build_id(build), prediction_payload(pred, build, self._card)
 
