@@ -9,7 +9,10 @@ scavenging region), the ECU's VE per cylinder (a shared base map times a smooth 
 error field plus scenario biases), the AFR target, MBT and the ECU's spark, and the
 knock-limited spark per cylinder. The ECU fuels as if its VE were right, so the actual
 AFR of a cylinder is ``target * VE_true / VE_ecu`` times the heat-soak factor of an IAT
-compensation that under-corrects. Scalar helpers are written for the physics loop in
+compensation that under-corrects. With ``ve_model = "parts"`` (a scenario without
+``[ecu]``) the true VE and the compression the knock limit sees come from the build's
+parts (:mod:`simulators.parts`) and the ECU runs the family's stock VE map and stock
+spark. Scalar helpers are written for the physics loop in
 :mod:`simulators.dyno`; vectorised ones for the sensor stage.
 """
 
