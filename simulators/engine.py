@@ -9,7 +9,10 @@ scavenging region), the ECU's VE per cylinder (a shared base map times a smooth 
 error field plus scenario biases), the AFR target, MBT and the ECU's spark, and the
 knock-limited spark per cylinder. The ECU fuels as if its VE were right, so the actual
 AFR of a cylinder is ``target * VE_true / VE_ecu`` times the heat-soak factor of an IAT
-compensation that under-corrects. Scalar helpers are written for the physics loop in
+compensation that under-corrects. With ``ve_model = "parts"`` (a scenario without
+``[ecu]``) the true VE and the compression the knock limit sees come from the build's
+parts (:mod:`simulators.parts`) and the ECU runs the family's stock VE map and stock
+spark. Scalar helpers are written for the physics loop in
 :mod:`simulators.dyno`; vectorised ones for the sensor stage.
 """
 
@@ -23,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS
+from simulators import parts
 from simulators.scenario import EcuTable, Scenario
 
 FloatArray = npt.NDArray[np.float64]
@@ -285,8 +289,17 @@ class EngineModel:
             )
             err_f = err_f + rb.front_pct * w
             err_r = err_r + rb.rear_pct * w
-        ve_ecu_f = np.round(base * (1.0 + np.clip(err_f, -12, 12) / 100.0), 1)
-        ve_ecu_r = np.round(base * (1.0 + np.clip(err_r, -12, 12) / 100.0), 1)
+        base_f = base_r = base
+        cr_true = cr_ecu = b.compression_ratio
+        octane_ecu = b.octane_requirement
+        if sc.ve_model == "parts":
+            # True VE from the parts, the ECU on the family's stock map and stock spark.
+            p, stock = parts.build_parts(b), parts.stock_parts(b.engine_family)
+            ve_f, ve_r = parts.ve_tables(p, rpm, kpa)
+            base_f, base_r = parts.stock_ve_tables(b.engine_family, rpm, kpa)
+            cr_true, cr_ecu, octane_ecu = p.effective_cr, stock.effective_cr, 91.0
+        ve_ecu_f = np.round(base_f * (1.0 + np.clip(err_f, -12, 12) / 100.0), 1)
+        ve_ecu_r = np.round(base_r * (1.0 + np.clip(err_r, -12, 12) / 100.0), 1)
         # A loaded tune replaces the generated ECU tables (the error field above is still
         # drawn, so the rest of the scenario stays the same for the same seed).
         if ecu.ve_table_front is not None:
@@ -303,14 +316,14 @@ class EngineModel:
             + 5.0 * np.minimum(rpm, 4000.0) / 4000.0
             - 1.0 * (b.compression_ratio - 10.0)
         )
-        kls_req = self.knock_limit_base(rpm, m, b.octane_requirement)
+        kls_req = self.knock_limit_base(rpm, m, octane_ecu, cr=cr_ecu)
         spark = np.minimum(mbt, kls_req - ecu.spark_margin_deg)
         # Idle and just off idle run retarded for stability.
         spark = np.minimum(spark, 12.0 + 10.0 * np.clip((rpm - 750.0) / 750.0, 0.0, 3.0))
         spark = np.round(spark, 1).astype(np.float64)
         if ecu.spark_table is not None:
             spark = resample(ecu.spark_table, ra, ma)
-        kls = self.knock_limit_base(rpm, m, sc.fuel_octane)
+        kls = self.knock_limit_base(rpm, m, sc.fuel_octane, cr=cr_true)
         kls_f = kls
         kls_r = kls - REAR_KNOCK_OFFSET_DEG - 0.03 * REAR_HEAD_OFFSET_F
         # Indicated torque of both cylinders at the ECU's fuelling and spark, with the
@@ -342,9 +355,12 @@ class EngineModel:
             torque_indicated=tq,
         )
 
-    def knock_limit_base(self, rpm: FloatArray, m: FloatArray, octane: float) -> FloatArray:
-        """Knock-limited spark (deg) at design IAT and head temperature."""
-        cr = self.scenario.build.compression_ratio
+    def knock_limit_base(
+        self, rpm: FloatArray, m: FloatArray, octane: float, cr: float | None = None
+    ) -> FloatArray:
+        """Knock-limited spark (deg) at design IAT and head temperature (``cr``: the
+        compression to use, default the build's)."""
+        cr = self.scenario.build.compression_ratio if cr is None else cr
         out: FloatArray = (
             72.0
             - 46.0 * m

@@ -31,6 +31,7 @@ from pydantic import (
 
 from dynoai_daemon.config import DEFAULT_TARGET_TABLE, format_validation_error
 from dynoai_daemon.errors import ConfigError
+from simulators.parts import family_stock
 
 BUILTIN_PACKAGE = "simulators.scenarios"
 
@@ -295,6 +296,24 @@ class Scenario(_Model):
     ecu: EcuSpec = EcuSpec()
     sensors: SensorSpec = SensorSpec()
     plan: tuple[Step, ...] = Field(min_length=1)
+    #: ``parts``: true VE from the build's parts, the ECU on the family's stock map
+    #: (:mod:`simulators.parts`); ``ecu_error``: the ``[ecu]`` section's error field.
+    ve_model: Literal["ecu_error", "parts"] = "ecu_error"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts_without_ecu(cls, data: Any) -> Any:
+        # A scenario without an [ecu] error section: true VE from the parts, the ECU on
+        # the family's stock map with its stock IAT compensation.
+        if isinstance(data, dict) and "ecu" not in data and "ve_model" not in data:
+            raw = data.get("build")
+            build: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            fam = str(build.get("engine_family", "twin_cam")).strip().lower()
+            fam = FAMILY_SPELLINGS.get(fam.replace("-", "_").replace(" ", "_"), fam)
+            ecu = {"error_pct": 0.0, "cylinder_error_pct": 0.0}
+            ecu["iat_compensation"] = family_stock(fam).iat_compensation
+            data = {**data, "ve_model": "parts", "ecu": ecu}
+        return data
 
     @model_validator(mode="after")
     def _plan_fits_dyno(self) -> Scenario:

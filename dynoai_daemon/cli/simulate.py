@@ -70,6 +70,13 @@ def add_parser(sub: Any) -> None:
         metavar="OUT",
         help="write the simulated ECU's VE and spark tables (format by extension) and exit",
     )
+    p.add_argument(
+        "--fleet",
+        type=int,
+        metavar="N",
+        help="instead: generate sessions for N random builds (parts -> true VE, ECU on the "
+        "family's stock map), fast, straight into the core, for `dynoai train`",
+    )
     p.set_defaults(handler=run)
 
 
@@ -204,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.errors import ConfigError
     from simulators.scenario import load_scenario
 
+    if args.fleet is not None:
+        return run_fleet(args)
     if not (args.speed > 0):
         raise ConfigError("--speed must be positive", field="speed")
     if args.pulls is not None and args.pulls < 0:
@@ -309,4 +318,31 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         await cell.close()
         if broker is not None:
             await asyncio.to_thread(broker.stop)
+    return 0
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    """``--fleet N``: sessions of N random builds into ``<data-dir>/sessions`` + dataset."""
+    from dynoai_daemon.errors import ConfigError
+    from dynoai_daemon.store import SessionStore
+    from simulators.fleet import generate_fleet
+
+    if args.fleet < 1:
+        raise ConfigError("--fleet must be >= 1", field="fleet")
+    data_dir = Path(args.data_dir) if args.data_dir else Path.cwd() / DEFAULT_DATA_DIR
+    store = SessionStore(data_dir)
+    seed = 0 if args.seed is None else args.seed
+    t0, c0 = time.perf_counter(), time.process_time()
+    sessions = []
+    builds: set[int] = set()
+    for fs in generate_fleet(args.fleet, seed=seed):
+        store.save_session(fs.session)
+        sessions.append(fs.session)
+        builds.add(fs.build_index)
+    store.append_many_to_dataset(sessions)
+    print(
+        f"fleet: {len(sessions)} session(s) of {len(builds)} build(s) (seed {seed}) written to "
+        f"{store.sessions_dir} in {time.perf_counter() - t0:.1f} s "
+        f"({time.process_time() - c0:.1f} s CPU)"
+    )
     return 0

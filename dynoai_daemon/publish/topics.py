@@ -52,6 +52,7 @@ TOPIC_TABLE: Final[tuple[TopicSpec, ...]] = (
     TopicSpec("live", retain=False, qos=0),
     TopicSpec("run/current", retain=True, qos=1),
     TopicSpec("run/+/cells", retain=False, qos=0),
+    TopicSpec("predict/+", retain=True, qos=1),
     TopicSpec("alert/+", retain=False, qos=1, durable=True),
     TopicSpec("session/last", retain=True, qos=1, durable=True),
     TopicSpec("session/+", retain=False, qos=1, durable=True),

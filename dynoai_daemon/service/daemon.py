@@ -38,6 +38,7 @@ from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.publish.mqtt import make_publisher
 from dynoai_daemon.service.arbiter import ChannelArbiter
+from dynoai_daemon.service.predictions import Predictions
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
 from dynoai_daemon.service.sdnotify import SdNotifier, watchdog_task
 from dynoai_daemon.service.tunepool import TunePool
@@ -249,6 +250,8 @@ class Daemon:
         self.tune_pool: TunePool = TunePool(
             self.data_dir, settings.tuning, SessionStore(self.data_dir)
         )
+        self.predictions = Predictions(self.data_dir / "models")
+        self._predict_tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -301,6 +304,8 @@ class Daemon:
                 ]
                 health_task = tg.create_task(self._health_loop(), name="health")
                 wd_task = tg.create_task(watchdog_task(notifier, self.healthy), name="watchdog")
+                if self.builder.build_config is not None:
+                    self._schedule_predictions(self.builder.build_config)
                 notifier.ready(f"station {self.settings.station}: {len(drivers)} source(s)")
                 self._ready.set()
                 log.info("daemon started", station=self.settings.station, sources=list(drivers))
@@ -323,6 +328,10 @@ class Daemon:
                 self._sessions_q.put_nowait(None)
                 await asyncio.wait([sessions_task], timeout=4.0)
                 sessions_task.cancel()
+                for t in self._predict_tasks:
+                    t.cancel()
+                if self._predict_tasks:
+                    await asyncio.wait(self._predict_tasks, timeout=2.0)
                 if pub is not None and mqtt_task is not None:
                     self._publish_retained(pub, "run/current", None)
                     await _bounded(pub.stop(flush_timeout=2.5), 3.5, "mqtt stop")
@@ -683,6 +692,17 @@ class Daemon:
             {"run_id": run.run_id, "start_s": run.start_t, "cells_covered": covered},
         )
 
+    def _schedule_predictions(self, build: BuildConfiguration) -> None:
+        """Publish the models' predictions for ``build`` (retained) in the background."""
+        if self._publisher is None:
+            return
+        task = asyncio.create_task(
+            self.predictions.publish(self._publisher, build.model_dump(mode="json")),
+            name="predictions",
+        )
+        self._predict_tasks.add(task)
+        task.add_done_callback(self._predict_tasks.discard)
+
     def _publish_retained(
         self, pub: Publisher, suffix: str, payload: dict[str, Any] | None
     ) -> None:
@@ -792,6 +812,7 @@ class Daemon:
         if cmd == "build/set":
             build = BuildConfiguration.model_validate(body.get("build", body))
             self.builder.build_config = build
+            self._schedule_predictions(build)
             new_pool = self.tune_pool.set_build(build)
             if body.get("tune"):
                 new_pool = self.tune_pool.set_base_tune(str(body["tune"])) or new_pool
