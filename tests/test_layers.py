@@ -48,13 +48,18 @@ RANKS: dict[str, int] = {
 #: package -> the highest rank of a ``dynoai_daemon`` module it may import
 CEILING: dict[str, int] = {"drivers": 0, "simulators": 4}
 
-#: (importing module, imported module) pairs that stay inside a function, and why. Empty:
-#: the lazy imports dodged cycles that the models split removed. The heavy optional parts
+#: (importing module, imported module) pairs that stay inside a function, and why. The
+#: lazy imports that dodged cycles are gone with the models split. The heavy optional parts
 #: stay lazy without function-level imports: ``drivers.registry`` (imported at the top of
 #: service, logs.replay and simulators.cell) names the driver classes as importlib strings,
 #: so python-can, cantools and pyserial load only when a driver of that kind is created;
 #: ``cli/`` (exempt) imports each subcommand's machinery when it runs.
-LAZY_ALLOWED: dict[tuple[str, str], str] = {}
+LAZY_ALLOWED: dict[tuple[str, str], str] = {
+    ("dynoai_daemon.service.predictions", "dynoai_daemon.ml.store"): (
+        "ml.store imports scikit-learn and skops (about a second of CPU and 100 MB): the "
+        "daemon loads it only once a model card is found, never on a station without models"
+    ),
+}
 
 
 @dataclass(frozen=True)
