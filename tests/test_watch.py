@@ -48,15 +48,23 @@ def _cells(run: str, *cells: tuple[int, int, float | None, float]) -> bytes:
                     "map_index": j,
                     "rpm": DEFAULT_RPM_AXIS[i],
                     "map_kpa": DEFAULT_MAP_AXIS[j],
-                    "front": {"weight": w, "afr_mean": 13.0, "ve_correction_pct": corr,
-                              "knock_count": 0},
-                    "rear": {"weight": w, "afr_mean": 13.5, "ve_correction_pct": corr,
-                             "knock_count": 2},
+                    "front": {
+                        "weight": w,
+                        "afr_mean": 13.0,
+                        "ve_correction_pct": corr,
+                        "knock_count": 0,
+                    },
+                    "rear": {
+                        "weight": w,
+                        "afr_mean": 13.5,
+                        "ve_correction_pct": corr,
+                        "knock_count": 2,
+                    },
                 }
                 for i, j, corr, w in cells
             ],
         }
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- state model
@@ -80,8 +88,17 @@ def test_cells_run_change_and_clamp() -> None:
 
 def test_alerts_deduplicated_and_bad_payloads_counted() -> None:
     st = _state()
-    alert = {"id": "a1", "kind": "knock", "severity": "high", "cylinder": "rear",
-             "rpm": 3000, "map_kpa": 90, "value": 2.5, "threshold": 0.0, "t": 12.0}  # fmt: skip
+    alert = {
+        "id": "a1",
+        "kind": "knock",
+        "severity": "high",
+        "cylinder": "rear",
+        "rpm": 3000,
+        "map_kpa": 90,
+        "value": 2.5,
+        "threshold": 0.0,
+        "t": 12.0,
+    }
     assert st.apply("dynoai/s1/alert/knock", _msg(alert)) == {"alerts"}
     assert st.apply("dynoai/s1/alert/knock", _msg(alert)) == set()  # at-least-once repeat
     assert len(st.alerts) == 1
@@ -95,9 +112,12 @@ def test_alerts_deduplicated_and_bad_payloads_counted() -> None:
 def test_follows_first_station_and_live_cell() -> None:
     st = _state(station=None)
     assert st.subscriptions() == ["dynoai/+/#"]
-    live = {"t": 3.0, "values": {"rpm": 2010.0, "map_kpa": 51.0},
-            "cell": {"rpm_index": 5, "map_index": 6, "rpm": 2000.0, "map_kpa": 50.0},
-            "run_id": "r1"}  # fmt: skip
+    live = {
+        "t": 3.0,
+        "values": {"rpm": 2010.0, "map_kpa": 51.0},
+        "cell": {"rpm_index": 5, "map_index": 6, "rpm": 2000.0, "map_kpa": 50.0},
+        "run_id": "r1",
+    }
     assert st.apply("dynoai/cellA/live", _msg(live)) == {"station", "live"}
     assert st.station == "cellA" and st.live_cell == (5, 6)
     assert st.apply("dynoai/cellB/live", _msg(live)) == set()
@@ -114,8 +134,11 @@ def test_session_grid_and_tune_shapes() -> None:
         "clamped": [[False, False], [True, False]],
         "knock_count": [[0, 0], [1, 0]],
     }
-    session = {"session_id": "x", "run": {"run_id": "r9"},
-               "grid": {"rpm_axis": rpm, "map_axis": kpa, "front": grid, "rear": grid}}  # fmt: skip
+    session = {
+        "session_id": "x",
+        "run": {"run_id": "r9"},
+        "grid": {"rpm_axis": rpm, "map_axis": kpa, "front": grid, "rear": grid},
+    }
     assert "cells" in st.apply("dynoai/s1/session/x", _msg(session))
     c = st.cells["front"][(1, 0)]
     assert c.clamped and c.ci_pct == 0.8 and c.knock_count == 1
@@ -123,8 +146,9 @@ def test_session_grid_and_tune_shapes() -> None:
     # tune/current as a per-cylinder grid, then as a cell list; junk shapes are ignored
     st.apply("dynoai/s1/tune/current", _msg({"runs": ["a", "b"], "front": grid}))
     assert st.tune["front"][(0, 1)].correction_pct == 2.0 and st.tune_info["runs"] == 2
-    cells = {"cells": [{"rpm_index": 1, "map_index": 1, "front": {"suggestion_pct": 4.0,
-             "ci_pct": 1.0}}]}  # fmt: skip
+    cells = {
+        "cells": [{"rpm_index": 1, "map_index": 1, "front": {"suggestion_pct": 4.0, "ci_pct": 1.0}}]
+    }
     st.apply("dynoai/s1/tune/current", _msg(cells))
     assert st.tune["front"][(1, 1)].correction_pct == 4.0 and "rear" not in st.tune
     assert st.apply("dynoai/s1/tune/current", _msg([1, 2])) == {"tune"} and st.tune == {}
@@ -135,8 +159,12 @@ def test_render_marks_live_cell_and_fits_80_columns() -> None:
     st.apply("dynoai/s1/run/r1/cells", _cells("r1", (4, 6, 3.5, 20), (5, 6, 15.0, 40)))
     st.apply(
         "dynoai/s1/live",
-        _msg({"values": {"rpm": 2000, "afr_front": 14.2, "afr_target": 13.2},
-              "cell": {"rpm_index": 5, "map_index": 6}}),  # fmt: skip
+        _msg(
+            {
+                "values": {"rpm": 2000, "afr_front": 14.2, "afr_target": 13.2},
+                "cell": {"rpm_index": 5, "map_index": 6},
+            }
+        ),
     )
     text = render_grid(st, "front", "correction")
     lines = text.plain.splitlines()
@@ -217,8 +245,9 @@ async def test_watch_app_live_grid_reconnect_and_quit(
     from dynoai_daemon.watch.app import Broker, WatchApp
 
     state = _state("w1")
-    app = WatchApp(state, Broker("127.0.0.1", mosquitto.port, backoff_initial=0.05,
-                                 backoff_max=0.2))  # fmt: skip
+    app = WatchApp(
+        state, Broker("127.0.0.1", mosquitto.port, backoff_initial=0.05, backoff_max=0.2)
+    )
     i_a, j_a = DEFAULT_RPM_AXIS.index(2000), DEFAULT_MAP_AXIS.index(50)
     i_b, j_b = DEFAULT_RPM_AXIS.index(3500), DEFAULT_MAP_AXIS.index(80)
     async with app.run_test(size=(80, 24)) as pilot:
