@@ -130,6 +130,12 @@ class AlertConfig(_Section):
     alert_repeat_s: float = Field(5.0, ge=0)
 
 
+class ReportConfig(_Section):
+    """``dynoai report`` settings: ``auto`` writes ``sessions/<id>.html`` after each run."""
+
+    auto: bool = False
+
+
 class MqttConfig(_Section):
     """Broker connection and topic root."""
 
@@ -202,6 +208,7 @@ class Settings(BaseSettings):
     grid: GridConfig = GridConfig()
     tuning: TuningConfig = TuningConfig()
     alerts: AlertConfig = AlertConfig()
+    report: ReportConfig = ReportConfig()
     build: dict[str, Any] | None = None
     conditions: dict[str, Any] | None = None
     dyno: dict[str, Any] | None = None
