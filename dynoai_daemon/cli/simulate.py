@@ -144,8 +144,12 @@ def run(args: argparse.Namespace) -> int:
     if settings.build is None:
         overrides_build = scenario.build.to_build_config()
         settings = settings.model_copy(update={"build": overrides_build})
-    # The console shows alerts and summaries; the daemon's own log only for problems.
-    configure_logging("warning", station=settings.station)
+    # The console shows alerts and summaries; the daemon's own log only for problems. On a
+    # terminal the console's ALERT line is the one a person reads: the log does not repeat it.
+    both_tty = sys.stdout.isatty() and sys.stderr.isatty()
+    configure_logging(
+        "warning", station=settings.station, drop_events=("alert",) if both_tty else ()
+    )
     return asyncio.run(_simulate(args, settings, scenario))
 
 

@@ -575,6 +575,8 @@ class Daemon:
             id=alert.id,
             kind=alert.kind,
             cylinder=alert.cylinder,
+            rpm=alert.rpm,
+            map_kpa=alert.map_kpa,
             value=alert.value,
             run=alert.run_id,
             message=alert.message,
