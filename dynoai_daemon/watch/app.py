@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aiomqtt
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -95,6 +96,7 @@ class WatchApp(App[None]):
         self._dirty: set[str] = {"all"}
         self._tick = asyncio.Event()
         self._mounted = False
+        self._shown: dict[str, Text | str] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -161,44 +163,45 @@ class WatchApp(App[None]):
 
     # ------------------------------------------------------------------ painting
 
+    def _put(self, widget_id: str, content: Text | str) -> None:
+        # Textual re-lays out a widget on every update: skip the ones that did not change.
+        if self._shown.get(widget_id) == content:
+            return
+        self._shown[widget_id] = content
+        self.query_one(f"#{widget_id}", Static).update(content)
+
     def _repaint(self) -> None:
         if not self._dirty or not self._mounted:
             return
         d, self._dirty = self._dirty, set()
         every = "all" in d
+        if every:
+            self._shown.clear()
         st = self.state
-        self.query_one("#status", Static).update(
-            render_status(st, self.connection, self.cylinder, self.view)
-        )
+        self._put("status", render_status(st, self.connection, self.cylinder, self.view))
         if self.view == "grid":
             if every or d & {"cells", "live", "session", "station"}:
-                self.query_one("#grid", Static).update(render_grid(st, self.cylinder, self.mode))
+                self._put("grid", render_grid(st, self.cylinder, self.mode))
             if every or "live" in d:
                 if self.wide:
-                    self.query_one("#side_live", Static).update(render_live(st, compact=False))
+                    self._put("side_live", render_live(st, compact=False))
                 else:
-                    self.query_one("#live", Static).update(render_live(st, compact=True))
+                    self._put("live", render_live(st, compact=True))
             if every or d & {"alerts", "health", "session", "tune"}:
                 if self.wide:
-                    self.query_one("#side_sources", Static).update(render_sources(st))
-                    self.query_one("#side_alerts", Static).update(
-                        render_alerts(st, max(1, self.size.height - 20))
-                    )
+                    self._put("side_sources", render_sources(st))
+                    self._put("side_alerts", render_alerts(st, max(1, self.size.height - 20)))
                 else:
-                    self.query_one("#lastalert", Static).update(render_alerts(st, 1))
+                    self._put("lastalert", render_alerts(st, 1))
         elif self.view == "alerts":
-            self.query_one("#alerts_sources", Static).update(render_sources(st))
-            self.query_one("#alerts_feed", Static).update(
-                render_alerts(st, max(1, self.size.height))
-            )
+            self._put("alerts_sources", render_sources(st))
+            self._put("alerts_feed", render_alerts(st, max(1, self.size.height)))
         elif self.view == "tune":
             if st.tune:
-                self.query_one("#tune_view", Static).update(
-                    render_grid(st, self.cylinder, self.mode, tune=True)
-                )
+                self._put("tune_view", render_grid(st, self.cylinder, self.mode, tune=True))
             else:
-                self.query_one("#tune_view", Static).update(
-                    "no pooled correction of the build yet (retained tune/current)"
+                self._put(
+                    "tune_view", "no pooled correction of the build yet (retained tune/current)"
                 )
 
     def _changed(self, parts: set[str]) -> None:
