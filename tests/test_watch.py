@@ -143,6 +143,11 @@ def test_session_grid_and_tune_shapes() -> None:
     c = st.cells["front"][(1, 0)]
     assert c.clamped and c.ci_pct == 0.8 and c.knock_count == 1
     assert (0, 0) not in st.cells["front"] and st.grid_source == "session r9"
+    # a session of an older run arriving while the next run fills the grid leaves it alone
+    st.apply("dynoai/s1/run/current", _msg({"run_id": "r10", "start_s": 1.0}))
+    st.apply("dynoai/s1/run/r10/cells", _cells("r10", (4, 6, 3.5, 20)))
+    assert st.apply("dynoai/s1/session/x", _msg(session)) == {"session"}
+    assert list(st.cells["front"]) == [(4, 6)] and st.grid_source == "live"
     # tune/current as a per-cylinder grid, then as a cell list; junk shapes are ignored
     st.apply("dynoai/s1/tune/current", _msg({"runs": ["a", "b"], "front": grid}))
     assert st.tune["front"][(0, 1)].correction_pct == 2.0 and st.tune_info["runs"] == 2

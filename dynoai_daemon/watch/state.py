@@ -9,7 +9,8 @@ MQTT message (topic and raw payload) and returns the names of the parts it chang
 grid; an empty payload means no run), ``alert/<kind>`` (deduplicated by ``id``: alerts are
 at-least-once), retained ``health``, ``state`` and ``source/<name>/availability``,
 ``session/<id>`` (the closed run's full grid replaces the live cells, with confidence
-intervals and clamp marks when the session carries them), ``session/last`` and retained
+intervals and clamp marks when the session carries them, unless a newer run is already
+open), ``session/last`` and retained
 ``tune/current`` (the pooled correction of the build; any shape it does not understand is
 ignored). With no station given, it follows the first station that speaks. Malformed
 payloads are counted in ``bad_messages`` and otherwise ignored.
@@ -326,8 +327,11 @@ class WatchState:
         kpa = [float(v) for v in grid.get("map_axis") or []]
         if not rpm or not kpa:
             return {"session"}
-        self.rpm_axis, self.map_axis = rpm, kpa
         run = data.get("run") or {}
+        run_id = run.get("run_id") or data.get("session_id")
+        if self.run_id is not None and run_id != self.run_id:
+            return {"session"}  # a newer run is already filling the grid: keep it
+        self.rpm_axis, self.map_axis = rpm, kpa
         for cyl in CYLINDERS:
             g = grid.get(cyl)
             if not isinstance(g, dict):
@@ -348,7 +352,7 @@ class WatchState:
                         clamped=bool(_at(g, "clamped", i, j) or False),
                     )
             self.cells[cyl] = out
-        self.grid_source = f"session {run.get('run_id') or data.get('session_id') or '?'}"
+        self.grid_source = f"session {run_id or '?'}"
         return {"session", "cells"}
 
     def _on_tune(self, data: Any) -> set[str]:
