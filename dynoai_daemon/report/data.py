@@ -259,7 +259,9 @@ def load(path: Path, settings: Settings, data_dir: Path | None = None) -> Report
         return run
     try:
         run.alerts = replay_alerts(run.raw, settings)
-        run.alerts_note = "replayed from the raw run through the alert engine, with this config's limits"
+        run.alerts_note = (
+            "replayed from the raw run through the alert engine, with this config's limits"
+        )
     except (DynoError, ValueError) as exc:
         run.alerts_note = f"alerts could not be replayed: {exc}"
     return run
