@@ -108,6 +108,19 @@ def _network_refs(html: str) -> list[str]:
     return refs
 
 
+def test_network_reference_check_catches_references() -> None:
+    clean = '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+    assert _network_refs(clean + '<image xlink:href="data:image/png;base64,AAAA"/></svg>') == []
+    for bad in (
+        '<img src="https://cdn.example.com/a.png">',
+        "<script src=//cdn.example.com/plotly.js></script>",
+        "<style>@font-face { src: url(https://fonts.example.com/f.woff2) }</style>",
+        '<link rel="stylesheet" href="style.css">',
+        '<a href="http://example.com">x</a>',
+    ):
+        assert _network_refs(clean + bad), bad
+
+
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:

@@ -15,6 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import numpy as np
 import pytest
 
@@ -188,6 +189,14 @@ def test_render_marks_live_cell_and_fits_80_columns() -> None:
 # ----------------------------------------------------------------------------- the app
 
 
+def _screen(app: object) -> str:
+    """The app's screen as text (from its SVG screenshot: entities and NBSPs decoded)."""
+    import html
+
+    svg = app.export_screenshot()  # type: ignore[attr-defined]
+    return html.unescape(svg).replace("\xa0", " ")
+
+
 def _frame(t0: float, rpm: float, kpa: float, n: int = 20, rate: float = 100.0) -> Frame:
     t = t0 + np.arange(n) / rate
     rng = np.random.default_rng(int(t0 * 100))
@@ -266,7 +275,7 @@ async def test_watch_app_live_grid_reconnect_and_quit(
         assert state.cells["rear"][(i_a, j_a)].correction_pct < -1  # type: ignore[operator]
         await pilot.pause()
         app._repaint()
-        shot = app.export_screenshot()
+        shot = _screen(app)
         assert "krpm" in shot and "+4" in shot and "connected" in shot
 
         station.cell = (3500.0, 80.0)  # the engine moves: the highlight follows
@@ -279,14 +288,34 @@ async def test_watch_app_live_grid_reconnect_and_quit(
         assert app.cylinder == "rear"
         await pilot.press("tab")
         assert app.view == "alerts"
-        await pilot.press("tab", "tab")
+        async with asyncio.timeout(20):
+            await app.wait_until(lambda: bool(state.health))
+        await pilot.pause()
+        app._repaint()
+        assert "outbox 0" in _screen(app)  # the daemon's retained health
+        await pilot.press("tab")
+        assert app.view == "tune"
+        await pilot.pause()
+        assert "no pooled correction of the build yet" in _screen(app)
+        # the build's pooled correction arrives (retained, as the tune helper publishes it)
+        tune = {"runs": ["r1", "r2"], "rear": {"ve_correction_pct": [[None] * 18] * 5
+                + [[None] * 6 + [7.5] + [None] * 11]}}  # fmt: skip
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as pub:
+            await pub.publish("dynoai/w1/tune/current", json.dumps(tune), qos=1, retain=True)
+        async with asyncio.timeout(20):
+            await app.wait_until(lambda: "rear" in state.tune)
+        await pilot.pause()
+        app._repaint()
+        shot = _screen(app)
+        assert "pooled correction of the build" in shot and "+8" in shot
+        await pilot.press("tab")
         assert app.view == "grid"
 
         await asyncio.to_thread(mosquitto.stop)
         async with asyncio.timeout(20):
             await app.wait_until(lambda: app.connection.startswith("reconnecting"))
         await pilot.pause()
-        assert "reconnecting" in app.export_screenshot()
+        assert "reconnecting" in _screen(app)
         seen = state.messages
         await asyncio.to_thread(mosquitto.start)
         async with asyncio.timeout(30):
