@@ -124,6 +124,21 @@ def test_follows_first_station_and_live_cell() -> None:
     assert st.apply("dynoai/cellB/live", _msg(live)) == set()
 
 
+def test_follows_a_live_station_not_a_retained_ghost() -> None:
+    st = _state(station=None)
+    offline = _msg({"state": "offline", "version": "0.1", "since": None})
+    # a dead station's retained messages do not choose the station
+    assert st.apply("dynoai/old/state", offline, retained=True) == set()
+    assert st.apply("dynoai/old/run/current", _msg({"run_id": "x"}), retained=True) == set()
+    assert st.apply("dynoai/new/run/current", _msg({"run_id": "r7"}), retained=True) == set()
+    assert st.station is None
+    online = _msg({"state": "online", "version": "0.1", "since": "2026-01-01T00:00:00Z"})
+    changed = st.apply("dynoai/new/state", online, retained=True)
+    assert st.station == "new" and {"station", "run", "state"} <= changed
+    assert st.run_id == "r7" and st.daemon_state == "online"  # its held message applied
+    assert st.apply("dynoai/old/live", _msg({"values": {}})) == set()
+
+
 def test_session_grid_and_tune_shapes() -> None:
     st = _state()
     rpm, kpa = [1000.0, 2000.0], [50.0, 100.0]

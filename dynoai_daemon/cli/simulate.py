@@ -176,6 +176,10 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
             else settings.mqtt.model_copy(update={"enabled": False})
         )
         settings = settings.model_copy(update={"mqtt": mqtt})
+        if found.url:
+            console.line(
+                f"watch it live: dynoai watch --url {found.url} --station {settings.station}"
+            )
     cell = VirtualCell(
         scenario, seed=args.seed, speed=args.speed, pulls=args.pulls, wideband=args.wideband
     )
@@ -219,6 +223,8 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
             f"{st.events} events sent ({st.mts_packets} MTS packets, {st.can_frames} CAN "
             f"frames, {st.jetdrive_values} JetDrive value datagrams); truth in {path}"
         )
+        if console.sessions:
+            console.line(f"report: dynoai report {settings.data_dir} -o report.html")
     finally:
         await cell.close()
         if broker is not None:

@@ -249,7 +249,7 @@ class WatchApp(App[None]):
                     async for m in client.messages:
                         raw: Any = m.payload
                         payload = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
-                        changed = self.state.apply(m.topic.value, payload)
+                        changed = self.state.apply(m.topic.value, payload, bool(m.retain))
                         if changed:
                             if "station" in changed:
                                 changed.add("all")

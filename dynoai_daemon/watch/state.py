@@ -12,7 +12,8 @@ at-least-once), retained ``health``, ``state`` and ``source/<name>/availability`
 intervals and clamp marks when the session carries them, unless a newer run is already
 open), ``session/last`` and retained
 ``tune/current`` (the pooled correction of the build; any shape it does not understand is
-ignored). With no station given, it follows the first station that speaks. Malformed
+ignored). With no station given, it follows the first station that shows it is alive
+(retained messages of stations long gone do not count). Malformed
 payloads are counted in ``bad_messages`` and otherwise ignored.
 """
 
@@ -131,6 +132,7 @@ class WatchState:
     tune_info: dict[str, Any] = field(default_factory=dict)
     messages: int = 0
     bad_messages: int = 0
+    _held: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
     _seen_alerts: set[str] = field(default_factory=set)
     _alert_order: deque[str] = field(default_factory=lambda: deque(maxlen=4 * ALERT_HISTORY))
 
@@ -150,15 +152,30 @@ class WatchState:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, topic: str, payload: bytes) -> set[str]:
-        """Take one MQTT message; return the parts of the state it changed."""
+    def apply(self, topic: str, payload: bytes, retained: bool = False) -> set[str]:
+        """Take one MQTT message; return the parts of the state it changed.
+
+        With no station chosen, retained messages are held per station (a broker keeps
+        those of stations long gone) until one station shows it is alive: a message that
+        is not retained, or a retained ``state`` of ``online``. That station is followed
+        and its held messages applied first.
+        """
         station, suffix = self._suffix(topic)
         if station is None or suffix is None:
             return set()
         changed: set[str] = set()
         if self.station is None:
+            alive = not retained or (suffix == "state" and b'"online"' in payload)
+            if not alive:
+                held = self._held.setdefault(station, [])
+                if len(held) < 1000:
+                    held.append((topic, payload))
+                return set()
             self.station = station
             changed.add("station")
+            for old_topic, old_payload in self._held.pop(station, []):
+                changed |= self.apply(old_topic, old_payload)
+            self._held.clear()
         elif station != self.station:
             return set()
         self.messages += 1
