@@ -166,9 +166,13 @@ def render_live(state: WatchState, *, compact: bool) -> Text:
 
 
 def render_status(state: WatchState, connection: str, cylinder: str, view: str) -> Text:
-    """The top line: station, broker connection, daemon state, run, cylinder and view."""
+    """The top line: station, cylinder and view, broker connection, daemon state, run.
+
+    Ordered so that 80 columns cut the run id's tail, not what the keys change.
+    """
     out = Text(no_wrap=True, overflow="crop")
     out.append(f"{state.station or '(any station)'} ", style="bold")
+    out.append(f"{cylinder}/{view} ", style="cyan")
     conn_style = "green" if connection == "connected" else "bold red"
     out.append(f"[{connection}] ", style=conn_style)
     if state.daemon_state:
@@ -177,11 +181,10 @@ def render_status(state: WatchState, connection: str, cylinder: str, view: str) 
             style="green" if state.daemon_state == "online" else "red",
         )
     if state.run_id:
-        cov = f", {state.cells_covered} cells" if state.cells_covered is not None else ""
-        out.append(f"run {state.run_id}{cov} ", style="bold yellow")
+        cov = f"{state.cells_covered} cells, " if state.cells_covered is not None else ""
+        out.append(f"run: {cov}{state.run_id}", style="bold yellow")
     else:
-        out.append("no run ", style="dim")
-    out.append(f"| {cylinder} | {view}", style="cyan")
+        out.append("no run", style="dim")
     return out
 
 
