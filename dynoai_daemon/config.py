@@ -147,10 +147,16 @@ class AlertConfig(_Section):
 
 
 class TuneConfig(_Section):
-    """The base tune of the build on the dyno (tuning.md, "Tuning sessions")."""
+    """The base tune of the build on the dyno (docs/tuning.md, "Tuning sessions")."""
 
     #: the tune file the ECU runs (a new file starts a new pool of runs)
     base: str = ""
+
+
+class ReportConfig(_Section):
+    """``dynoai report`` settings: ``auto`` writes ``sessions/<id>.html`` after each run."""
+
+    auto: bool = False
 
 
 class MqttConfig(_Section):
@@ -227,6 +233,7 @@ class Settings(BaseSettings):
     alerts: AlertConfig = AlertConfig()
     tune: TuneConfig = TuneConfig()
     replay: ReplayConfig = ReplayConfig()
+    report: ReportConfig = ReportConfig()
     build: dict[str, Any] | None = None
     conditions: dict[str, Any] | None = None
     dyno: dict[str, Any] | None = None

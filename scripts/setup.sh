@@ -18,3 +18,11 @@ if [ "${DYNOAI_NO_APT:-0}" != "1" ] && ! command -v mosquitto >/dev/null 2>&1 \
     echo "warning: mosquitto not installed and no root: broker tests will be skipped" >&2
   fi
 fi
+# Headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
+if [ "${DYNOAI_NO_APT:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium not installed and not root: report rendering tests will be skipped" >&2
+  fi
+fi

@@ -243,8 +243,12 @@ def run(args: argparse.Namespace) -> int:
         # The ECU runs the loaded tune: it is the base the sessions' tables refer to.
         tune = settings.tune.model_copy(update={"base": str(Path(args.ecu_tune).resolve())})
         settings = settings.model_copy(update={"tune": tune})
-    # The console shows alerts and summaries; the daemon's own log only for problems.
-    configure_logging("warning", station=settings.station)
+    # The console shows alerts and summaries; the daemon's own log only for problems. On a
+    # terminal the console's ALERT line is the one a person reads: the log does not repeat it.
+    both_tty = sys.stdout.isatty() and sys.stderr.isatty()
+    configure_logging(
+        "warning", station=settings.station, drop_events=("alert",) if both_tty else ()
+    )
     return asyncio.run(_simulate(args, settings, scenario))
 
 
@@ -271,6 +275,10 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
             else settings.mqtt.model_copy(update={"enabled": False})
         )
         settings = settings.model_copy(update={"mqtt": mqtt})
+        if found.url:
+            console.line(
+                f"watch it live: dynoai watch --url {found.url} --station {settings.station}"
+            )
     cell = VirtualCell(
         scenario, seed=args.seed, speed=args.speed, pulls=args.pulls, wideband=args.wideband
     )
@@ -314,6 +322,8 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
             f"{st.events} events sent ({st.mts_packets} MTS packets, {st.can_frames} CAN "
             f"frames, {st.jetdrive_values} JetDrive value datagrams); truth in {path}"
         )
+        if console.sessions:
+            console.line(f"report: dynoai report {settings.data_dir} -o report.html")
     finally:
         await cell.close()
         if broker is not None:

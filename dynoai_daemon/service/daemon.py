@@ -527,6 +527,12 @@ class Daemon:
                     await self._publish_tune()
             except Exception as exc:
                 log.error("session failed", run=ev.run.run_id, error=repr(exc))
+            else:
+                if self.settings.report.auto:  # [report] auto: sessions/<id>.html
+                    try:
+                        await loop.run_in_executor(None, self._write_report, session)
+                    except Exception as exc:
+                        log.error("report failed", run=session.session_id, error=repr(exc))
             if self._sessions_q.empty():
                 self._sessions_idle.set()
 
@@ -536,6 +542,15 @@ class Daemon:
         self.store.save_session(session)
         self.store.append_to_dataset(session)
         return session
+
+    def _write_report(self, session: TuningSession) -> None:
+        from dynoai_daemon.report import build_report  # matplotlib: only when enabled
+
+        path = self.store.session_path(session.session_id)
+        built = build_report(
+            [path], path.with_suffix(".html"), self.settings, data_dir=self.data_dir
+        )
+        log.info("report written", run=session.session_id, path=str(built.path), bytes=built.size)
 
     def _publish_session(self, session: TuningSession) -> None:
         self.hub.stats.sessions += 1
@@ -589,6 +604,8 @@ class Daemon:
             id=alert.id,
             kind=alert.kind,
             cylinder=alert.cylinder,
+            rpm=alert.rpm,
+            map_kpa=alert.map_kpa,
             value=alert.value,
             run=alert.run_id,
             message=alert.message,
