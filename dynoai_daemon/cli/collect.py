@@ -130,8 +130,9 @@ async def _collect(args: argparse.Namespace, db: SessionDb) -> int:
 
 
 async def _backfill(args: argparse.Namespace, db: SessionDb) -> int:
-    from dynoai_daemon.collect.backfill import backfill
+    from dynoai_daemon.collect.backfill import backfill, check_data_dir
 
+    await asyncio.to_thread(check_data_dir, Path(args.backfill))
     await db.open()
     try:
         await db.migrate()

@@ -196,8 +196,9 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class InsertResult:
-    """What one committed batch did: ids newly stored, ids already present, and
-    (session id, error) of rows the database refused (a value it cannot store)."""
+    """What one committed batch did: ids newly stored, rows whose id was already stored
+    (or came earlier in the batch), and (session id, error) of rows the database refused
+    (a value it cannot store)."""
 
     inserted: tuple[str, ...]
     duplicates: tuple[str, ...]
@@ -338,14 +339,22 @@ class SessionDb:
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise self._failed(exc) from exc
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            raise RowsRefused(_first_line(exc)) from exc
+            detail = exc.diag.message_detail
+            msg = _first_line(exc) + (f" ({detail})" if detail else "")
+            raise RowsRefused(msg) from exc
         self.state.ok = True
         self.state.error = None
         self.state.commits += 1
         self.state.last_commit_s = time.time()
+        # A session twice in one batch is inserted once: its second row is a duplicate too.
         fresh = set(new)
-        dups = tuple(dict.fromkeys(r.session_id for r in rows if r.session_id not in fresh))
-        return InsertResult(tuple(new), dups)
+        dups: list[str] = []
+        for r in rows:
+            if r.session_id in fresh:
+                fresh.discard(r.session_id)
+            else:
+                dups.append(r.session_id)
+        return InsertResult(tuple(new), tuple(dups))
 
     async def insert_retrying(
         self,

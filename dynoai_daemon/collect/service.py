@@ -50,7 +50,7 @@ def check_level(kind: str, value: str) -> str:
     """Return ``value`` if it can be one MQTT topic level, else raise ConfigError."""
     if not _LEVEL.fullmatch(value):
         raise ConfigError(
-            f"{kind} must be one topic level without '/', '+' or '#': {value!r}",
+            f"must be one topic level without '/', '+' or '#': {value!r}, --{kind}",
             field=f"--{kind}",
         )
     return value
@@ -221,8 +221,10 @@ class Collector:
         q = self.mqtt.deliveries
         first = await self._first()
         batch = [first]
+        self.stats.in_flight = 1
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.batch_max:
+            self.stats.in_flight = len(batch)
             try:
                 batch.append(q.get_nowait())
                 continue
