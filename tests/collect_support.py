@@ -154,16 +154,26 @@ class HealthWatch:
         have = self.latest.get(collector)
         if have is not None and pred(have):
             return have
-        async with asyncio.timeout(within):
-            while True:
-                m = await self.sub.queue.get()
-                if not m.payload:
-                    continue
-                body = json.loads(m.payload)
-                name = m.topic.split("/")[2]
-                self.latest[name] = body
-                if name == collector and pred(body):
-                    return body
+        try:
+            return await asyncio.wait_for(self._wait(collector, pred), within)
+        except TimeoutError:
+            raise AssertionError(
+                f"no matching health of {collector} within {within} s; "
+                f"latest: {self.latest.get(collector)}"
+            ) from None
+
+    async def _wait(
+        self, collector: str, pred: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any]:
+        while True:
+            m = await self.sub.queue.get()
+            if not m.payload:
+                continue
+            body = json.loads(m.payload)
+            name = m.topic.split("/")[2]
+            self.latest[name] = body
+            if name == collector and pred(body):
+                return body
 
 
 def up(h: dict[str, Any]) -> bool:

@@ -197,53 +197,51 @@ class Collector:
                 self.ready.set()
                 return
 
-    async def _first(self) -> Delivery:
-        # The next message; QueueEmpty once stopping and nothing is left (end of the drain).
+    async def _get(self, within: float | None) -> Delivery | None:
+        # The next message, or None when stopping (after what is queued) or after ``within``
+        # seconds (None: no limit). A stop wakes the wait at once.
         q = self.mqtt.deliveries
-        while True:
-            with contextlib.suppress(asyncio.QueueEmpty):
-                return q.get_nowait()
-            if self._stopping.is_set():
-                raise asyncio.QueueEmpty
-            getter = asyncio.ensure_future(q.get())
-            stopper = asyncio.ensure_future(self._stopping.wait())
-            try:
-                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for f in (getter, stopper):
-                    if not f.done():
-                        f.cancel()
-                await asyncio.gather(getter, stopper, return_exceptions=True)
-            if not getter.cancelled():
-                return getter.result()
+        with contextlib.suppress(asyncio.QueueEmpty):
+            return q.get_nowait()
+        if self._stopping.is_set() or (within is not None and within <= 0):
+            return None
+        getter = asyncio.ensure_future(q.get())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait(
+                {getter, stopper}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for f in (getter, stopper):
+                if not f.done():
+                    f.cancel()
+            await asyncio.gather(getter, stopper, return_exceptions=True)
+        if getter.cancelled():
+            return None  # stopped or timed out (a cancelled get() leaves the queue intact)
+        return getter.result()
 
-    async def _next_batch(self) -> list[Delivery]:
-        q = self.mqtt.deliveries
-        first = await self._first()
+    async def _next_batch(self) -> list[Delivery] | None:
+        # Up to batch_max messages: the first one, then whatever comes within batch_wait.
+        # None once stopping and nothing is left (the end of the drain).
+        first = await self._get(None)
+        while first is None and not self._stopping.is_set():
+            first = await self._get(None)
+        if first is None:
+            return None
         batch = [first]
-        self.stats.in_flight = 1
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.batch_max:
             self.stats.in_flight = len(batch)
-            try:
-                batch.append(q.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stopping.is_set():
+            more = await self._get(deadline - time.monotonic())
+            if more is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(q.get(), left))
-            except TimeoutError:
-                break
+            batch.append(more)
         return batch
 
     async def _worker(self) -> None:
         while True:
-            try:
-                batch = await self._next_batch()
-            except asyncio.QueueEmpty:
+            batch = await self._next_batch()
+            if batch is None:
                 return  # stopping and nothing left
             self.stats.in_flight = len(batch)
             try:
