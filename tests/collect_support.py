@@ -162,9 +162,7 @@ class HealthWatch:
                 f"latest: {self.latest.get(collector)}"
             ) from None
 
-    async def _wait(
-        self, collector: str, pred: Callable[[dict[str, Any]], bool]
-    ) -> dict[str, Any]:
+    async def _wait(self, collector: str, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         while True:
             m = await self.sub.queue.get()
             if not m.payload:
