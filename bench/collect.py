@@ -288,6 +288,17 @@ def main() -> int:
     try:
         base = asyncio.run(round_insert(db.url, payloads, args.batch))
         with db.connect() as conn:
+            conn.execute("VACUUM ANALYZE sessions")
+            row = conn.execute(
+                "SELECT pg_total_relation_size('sessions'), pg_relation_size('sessions'), "
+                "count(*) FROM sessions"
+            ).fetchone()
+            assert row is not None
+            total, heap, count = int(row[0]), int(row[1]), int(row[2])
+            print(
+                f"stored: {total / count / 1024:.1f} KiB per session on disk "
+                f"(table + TOAST + indexes; heap rows {heap / count:.0f} B)"
+            )
             conn.execute("TRUNCATE sessions")
         results.append((f"validate+insert, batch {args.batch} (baseline)", base))
         broker.start()

@@ -49,7 +49,11 @@ def add_parser(sub: Any) -> None:
         "--session-expiry",
         type=int,
         default=7 * 24 * 3600,
-        help="seconds the broker keeps this collector's queue while it is away (1 week)",
+        help=(
+            "seconds the broker keeps this collector's session and queue while it is away "
+            "(1 week); 0 ends the session with the connection, only for a broker that "
+            "re-dispatches a dead member's messages to the group (EMQX 5), never mosquitto"
+        ),
     )
     p.add_argument("--health-interval", type=float, default=5.0, help="seconds between health (5)")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="SIGTERM drain limit (10)")
@@ -75,9 +79,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("give --url MQTT_URL to collect, or --backfill DATA_DIR")
     if args.station and not args.backfill:
         raise ConfigError("--station only applies to --backfill")
-    for name in ("batch", "session_expiry"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch < 1:
+        raise ConfigError("--batch must be at least 1")
+    if args.session_expiry < 0:
+        raise ConfigError("--session-expiry must not be negative")
     for name in ("batch_wait", "health_interval", "drain_timeout"):
         if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
