@@ -195,6 +195,8 @@ class Collector:
         while not self._stopping.is_set():
             if await self.mqtt.wait_connected(1.0):
                 self.ready.set()
+                # Say so at once instead of at the next health tick.
+                self.mqtt.publish(self.health_topic, self.health(), qos=0, retain=True)
                 return
 
     async def _get(self, within: float | None) -> Delivery | None:
