@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from dynoai_daemon.models import BuildConfiguration, RunInfo, TuningSession
 from tests.mosquitto import Subscriber
@@ -40,6 +42,23 @@ def pg_db() -> Iterator[TestDatabase]:
         yield db
     finally:
         db.drop()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what ``dynoai collect`` run in process does to logging (``configure_logging``
+    binds a handler to the stderr of that moment, ``quiet_pool_logs`` a logger level)."""
+    root = logging.getLogger()
+    pool = logging.getLogger("psycopg.pool")
+    handlers, level, pool_level = list(root.handlers), root.level, pool.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        pool.setLevel(pool_level)
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
 
 
 def make_session(station: str, n: int, *, displacement: float = 103.0) -> TuningSession:

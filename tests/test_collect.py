@@ -33,12 +33,12 @@ from dynoai_daemon.collect.schema import Ignored, Rejected, SessionRow
 from dynoai_daemon.errors import ConfigError, StoreError
 from dynoai_daemon.models import TuningSession
 from dynoai_daemon.store import SessionStore
-from tests.collect_support import make_session, pg_db, session_body
+from tests.collect_support import make_session, pg_db, restore_logging, session_body
 from tests.mosquitto import MosquittoBroker, Subscriber
 from tests.pg import TestDatabase
 from tests.test_models import region_tables
 
-__all__ = ["pg_db"]  # the fixture, imported for pytest
+__all__ = ["pg_db", "restore_logging"]  # fixtures, imported for pytest
 
 
 def payload(s: TuningSession) -> bytes:
@@ -262,7 +262,10 @@ def station_dir(path: Path) -> SessionStore:
 
 
 def test_backfill_loads_a_data_dir_once_and_names_what_it_rejects(
-    pg_db: TestDatabase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_db: TestDatabase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
 ) -> None:
     station_dir(tmp_path / "data")
     args = [
@@ -317,7 +320,7 @@ def test_backfill_loads_a_data_dir_once_and_names_what_it_rejects(
     ],
 )
 def test_bad_options_exit_2_with_an_error_line(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     assert main(["collect", *argv]) == 2
     err = capsys.readouterr().err
