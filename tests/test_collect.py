@@ -480,3 +480,21 @@ async def test_pool_connections_are_named_for_pg_stat_activity(pg_db: TestDataba
     finally:
         await db.close()
     assert "dynoai-collect-x" in [str(r[0]) for r in got]
+
+
+async def test_a_broker_that_is_down_at_start_is_waited_for(
+    mosquitto: MosquittoBroker, pg_db: TestDatabase
+) -> None:
+    mosquitto.stop()
+    c = Collector(mqtt_url=mosquitto.url, db=SessionDb(pg_db.url), collector_id="early")
+    task = asyncio.create_task(c.run())
+    try:
+        await wait_for_stats(c, lambda: c.mqtt.connect_failures >= 1)
+        assert c.mqtt.last_error == f"cannot connect to {mosquitto.url}"
+        assert json.loads(c.health())["mqtt"]["connected"] is False
+        mosquitto.start()
+        await asyncio.wait_for(c.ready.wait(), 10)  # paho's reconnect backoff starts at 1 s
+        assert c.mqtt.last_error is None
+    finally:
+        c.stop()
+        await asyncio.wait_for(task, 10)

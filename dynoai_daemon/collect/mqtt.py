@@ -102,6 +102,7 @@ class MqttBridge:
         self.keepalive = keepalive
         self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
         self.connects = 0
+        self.connect_failures = 0
         self.subscribed = False
         self.last_error: str | None = None
         self.session_present: bool | None = None
@@ -134,6 +135,7 @@ class MqttBridge:
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
@@ -267,6 +269,13 @@ class MqttBridge:
         # lost it (no persistence) or this is the first connection.
         client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
         self._to_loop(self._notify)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # TCP connect or TLS failed (broker down, wrong host); paho retries with backoff.
+        self.connect_failures += 1
+        self.last_error = f"cannot connect to {self.url}"
+        if self.connect_failures == 1 or self.connect_failures % 10 == 0:
+            log.warning("mqtt broker unreachable", url=self.url, attempts=self.connect_failures)
 
     def _on_disconnect(
         self,

@@ -167,8 +167,9 @@ class Collector:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._health_loop(), name="collect-health")
                 worker = tg.create_task(self._worker(), name="collect-worker")
-                tg.create_task(self._ready_when_connected(), name="collect-ready")
+                ready = tg.create_task(self._ready_when_connected(), name="collect-ready")
                 await self._stopping.wait()
+                ready.cancel()  # a stop before the first connection need not wait for it
                 self.mqtt.stop_accepting()
                 # The worker drains what is queued; a database still down at the
                 # deadline leaves the batch unacknowledged for the broker to resend.
@@ -314,6 +315,7 @@ class Collector:
             "url": self.mqtt.url,
             "filter": self.mqtt.subscription,
             "connects": self.mqtt.connects,
+            "connect_failures": self.mqtt.connect_failures,
             "session_present": self.mqtt.session_present,
             "error": self.mqtt.last_error,
             "queued": self.mqtt.deliveries.qsize(),
