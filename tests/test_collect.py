@@ -498,3 +498,33 @@ async def test_a_broker_that_is_down_at_start_is_waited_for(
     finally:
         c.stop()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize("share", [False])
+async def test_no_share_survives_sessions_published_right_after_a_broker_restart(
+    mosquitto_persistent: MosquittoBroker, pg_db: TestDatabase, share: bool
+) -> None:
+    """mosquitto (2.0.11 measured) restores plain subscriptions from its persistence file
+    but not shared ones: a session published after a restart and before the collectors
+    resubscribe has no subscriber and is dropped. A plain subscription (``--no-share``)
+    holds it for the collector, which gets it when its reconnect backoff (>= 1 s) is over.
+    """
+    broker = mosquitto_persistent
+    c = Collector(mqtt_url=broker.url, db=SessionDb(pg_db.url), collector_id="plain", share=share)
+    task = asyncio.create_task(c.run())
+    try:
+        await asyncio.wait_for(c.ready.wait(), 10)
+        assert c.mqtt.subscription == "dynoai/+/session/+"
+        broker.restart()
+        raw = RawPublisher(broker.port)  # at once: the collector is still in its backoff
+        try:
+            s = make_session("cell6", 1)
+            await asyncio.to_thread(raw.send, "dynoai/cell6/session/cell6-0001", payload(s))
+        finally:
+            await asyncio.to_thread(raw.close)
+        assert c.mqtt.connects == 1  # it had not reconnected yet
+        await wait_for_stats(c, lambda: c.stats.inserted == 1)
+    finally:
+        c.stop()
+        await asyncio.wait_for(task, 10)
+    assert pg_db.session_ids() == ["cell6-0001"]

@@ -38,6 +38,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backfill", metavar="DATA_DIR", help="load this data directory and exit")
     p.add_argument("--station", help="with --backfill: the station the sessions must be from")
     p.add_argument("--group", default="dynoai", help="shared-subscription group (dynoai)")
+    p.add_argument(
+        "--no-share",
+        action="store_true",
+        help=(
+            "plain subscription instead of the shared one: every collector gets every "
+            "session (the store absorbs the copies); for mosquitto, which forgets shared "
+            "subscriptions when it restarts"
+        ),
+    )
     p.add_argument("--id", dest="collector_id", help="collector id (default: host name)")
     p.add_argument("--base-topic", default="dynoai", help="stations' base topic (dynoai)")
     p.add_argument("--username", help="broker user name")
@@ -121,6 +130,7 @@ async def _collect(args: argparse.Namespace, db: SessionDb) -> int:
         batch_wait=args.batch_wait,
         health_interval=args.health_interval,
         drain_timeout=args.drain_timeout,
+        share=not args.no_share,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -62,9 +62,10 @@ def default_collector_id() -> str:
     return host or "collector"
 
 
-def session_filter(base_topic: str, group: str) -> str:
-    """``$share/<group>/<base>/+/session/+``."""
-    return f"$share/{group}/{base_topic}/+/session/+"
+def session_filter(base_topic: str, group: str | None) -> str:
+    """``$share/<group>/<base>/+/session/+``, or ``<base>/+/session/+`` without a group."""
+    plain = f"{base_topic}/+/session/+"
+    return plain if group is None else f"$share/{group}/{plain}"
 
 
 class Collector:
@@ -85,6 +86,11 @@ class Collector:
         health_interval: seconds between health messages.
         drain_timeout: seconds a stop may spend committing what was received.
         reconnect_max: largest MQTT reconnect delay, seconds.
+        share: subscribe through the shared subscription of ``group`` (the load is split);
+            False: a plain subscription, every collector gets every session and the store
+            absorbs the copies (for mosquitto, which does not restore shared subscriptions
+            from its persistence file when it restarts, so sessions published before the
+            collectors resubscribe find no subscriber and are dropped).
 
     Raises:
         ConfigError: bad URL, group or id.
@@ -107,6 +113,7 @@ class Collector:
         health_interval: float = 5.0,
         drain_timeout: float = 10.0,
         reconnect_max: int = 30,
+        share: bool = True,
     ) -> None:
         self.group = check_level("group", group)
         self.collector_id = check_level("id", collector_id or default_collector_id())
@@ -123,7 +130,7 @@ class Collector:
         self.mqtt = MqttBridge(
             url=mqtt_url,
             client_id=f"dynoai-collector-{self.collector_id}",
-            subscription=session_filter(self.base_topic, self.group),
+            subscription=session_filter(self.base_topic, self.group if share else None),
             username=username,
             password=password,
             ca_file=ca_file,
