@@ -500,9 +500,8 @@ async def test_a_broker_that_is_down_at_start_is_waited_for(
         await asyncio.wait_for(task, 10)
 
 
-@pytest.mark.parametrize("share", [False])
 async def test_no_share_survives_sessions_published_right_after_a_broker_restart(
-    mosquitto_persistent: MosquittoBroker, pg_db: TestDatabase, share: bool
+    mosquitto_persistent: MosquittoBroker, pg_db: TestDatabase
 ) -> None:
     """mosquitto (2.0.11 measured) restores plain subscriptions from its persistence file
     but not shared ones: a session published after a restart and before the collectors
@@ -510,7 +509,7 @@ async def test_no_share_survives_sessions_published_right_after_a_broker_restart
     holds it for the collector, which gets it when its reconnect backoff (>= 1 s) is over.
     """
     broker = mosquitto_persistent
-    c = Collector(mqtt_url=broker.url, db=SessionDb(pg_db.url), collector_id="plain", share=share)
+    c = Collector(mqtt_url=broker.url, db=SessionDb(pg_db.url), collector_id="plain", share=False)
     task = asyncio.create_task(c.run())
     try:
         await asyncio.wait_for(c.ready.wait(), 10)
