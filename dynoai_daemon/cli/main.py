@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     "drivers",
     "config_cmd",
     "tune",
+    "collect",
 )
 
 
