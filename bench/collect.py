@@ -54,6 +54,11 @@ from tests.pg import TestDatabase, server_available  # noqa: E402
 from tests.test_models import full_session  # noqa: E402
 
 
+def _int(v: object) -> int:
+    """A database count or size (psycopg types row values as object)."""
+    return int(str(v))
+
+
 def grid(rng: random.Random, base_afr: float) -> CylinderGrid:
     nr, nm = len(DEFAULT_RPM_AXIS), len(DEFAULT_MAP_AXIS)
 
@@ -221,7 +226,7 @@ def wait_stored(db: TestDatabase, n: int, within: float) -> tuple[float, int]:
         while True:
             row = conn.execute("SELECT count(*) FROM sessions").fetchone()
             assert row is not None
-            if int(row[0]) >= n:
+            if _int(row[0]) >= n:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {row[0]} of {n} sessions stored within {within} s")
@@ -233,7 +238,7 @@ def wait_stored(db: TestDatabase, n: int, within: float) -> tuple[float, int]:
         ).fetchone()
         conn.execute("TRUNCATE sessions")
     assert span is not None
-    seconds, first = float(span[0]), int(span[1])
+    seconds, first = float(str(span[0])), _int(span[1])
     return (n - first) / seconds if seconds > 0 else float("inf"), first
 
 
@@ -294,7 +299,7 @@ def main() -> int:
                 "count(*) FROM sessions"
             ).fetchone()
             assert row is not None
-            total, heap, count = int(row[0]), int(row[1]), int(row[2])
+            total, heap, count = _int(row[0]), _int(row[1]), _int(row[2])
             print(
                 f"stored: {total / count / 1024:.1f} KiB per session on disk "
                 f"(table + TOAST + indexes; heap rows {heap / count:.0f} B)"
