@@ -34,12 +34,12 @@ RANKS: dict[str, int] = {
     "dynoai_daemon.logs": 4,  # log readers and writers (logs.mlg ... included)
     "dynoai_daemon.tune": 4,
     "dynoai_daemon.ml": 4,
-    "dynoai_daemon.report": 4,
     "simulators": 4,  # see CEILING: the daemon's ranks <= 4 and drivers, never service
     "dynoai_daemon.logs.replay": 5,  # drives core + patterns + store through the drivers
     "dynoai_daemon.alerts": 5,
     "dynoai_daemon.publish": 5,
     "dynoai_daemon.collect": 5,
+    "dynoai_daemon.report": 5,  # re-derives a run's alerts through the alert engine
     "dynoai_daemon.service": 6,
     "dynoai_daemon.watch": 6,
     "dynoai_daemon.cli": 7,
@@ -58,6 +58,9 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("dynoai_daemon.service.predictions", "dynoai_daemon.ml.store"): (
         "ml.store imports scikit-learn and skops (about a second of CPU and 100 MB): the "
         "daemon loads it only once a model card is found, never on a station without models"
+    ),
+    ("dynoai_daemon.service.daemon", "dynoai_daemon.report"): (
+        "report imports matplotlib (~0.5 s, 40 MB): loaded only when [report] auto is on"
     ),
 }
 

@@ -23,10 +23,10 @@ import pytest
 
 from dynoai_daemon.cli.main import main
 from dynoai_daemon.config import Settings
-from dynoai_daemon.ml.features import build_id
 from dynoai_daemon.ml.store import load_models, save_models
 from dynoai_daemon.ml.targets import KINDS, VE_TARGETS, collect
 from dynoai_daemon.ml.training import model_card, train_all
+from dynoai_daemon.models import build_id
 from dynoai_daemon.patterns.cells import REGIONS
 from dynoai_daemon.service.daemon import Daemon
 from simulators.dyno import Simulation

@@ -15,8 +15,6 @@ of its BuildConfiguration, so sessions of one build from different stations grou
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -28,6 +26,7 @@ from dynoai_daemon.models import (
     TuningSession,
     format_errors,
 )
+from dynoai_daemon.models import build_id as model_build_id
 
 #: Why a message was not stored; the health payload counts each.
 REJECT_REASONS: Final[tuple[str, ...]] = (
@@ -76,18 +75,12 @@ class Ignored:
 
 
 def build_id(build: BuildConfiguration | None) -> str | None:
-    """A stable id for a build: ``b-`` and 16 hex digits of the SHA-256 of its canonical JSON.
+    """The project's build id (:func:`dynoai_daemon.models.build_id`), None without a build.
 
     Two sessions carry the same id exactly when their build configurations are equal
-    field for field (unset fields ignored), whichever station recorded them. None when
-    the session has no build.
+    field for field (unset fields ignored), whichever station recorded them.
     """
-    if build is None:
-        return None
-    canon = json.dumps(
-        build.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
-    )
-    return "b-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+    return None if build is None else model_build_id(build)
 
 
 def split_topic(topic: str, base_topic: str) -> tuple[str, str] | None:

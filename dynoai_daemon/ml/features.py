@@ -15,8 +15,6 @@ the grouped cross-validation).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,36 +71,6 @@ def _cat(v: Any) -> str:
         return MISSING
     s = str(v).strip().lower()
     return s or MISSING
-
-
-def build_id(build: Mapping[str, Any] | None) -> str:
-    """Stable 12-hex id of a build: sha256 of its canonical JSON (keys sorted, Nones and
-    computed fields dropped, ``header_type`` folded into ``exhaust_type``)."""
-    if not build:
-        return "unknown"
-
-    def clean(d: Mapping[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if v is None or k in ("overlap_category",):
-                continue
-            out[k] = clean(v) if isinstance(v, Mapping) else v
-        return out
-
-    b = clean(build)
-    if "exhaust_type" not in b and "header_type" in b:
-        b["exhaust_type"] = b["header_type"]
-    b.pop("header_type", None)
-    for k, v in list(b.items()):
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            b[k] = round(float(v), 4)
-    cam = b.get("cam_spec")
-    if isinstance(cam, dict):
-        b["cam_spec"] = {
-            k: round(float(v), 4) if isinstance(v, int | float) else v for k, v in cam.items()
-        }
-    text = json.dumps(b, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def build_row(build: Mapping[str, Any]) -> dict[str, Any]:

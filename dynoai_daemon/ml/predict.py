@@ -18,8 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS
-from dynoai_daemon.ml.features import build_id, build_row, day_row, to_matrix
+from dynoai_daemon.ml.features import build_row, day_row, to_matrix
 from dynoai_daemon.ml.targets import DECEL_TARGETS, KNOCK_TARGETS, VE_TARGETS
+from dynoai_daemon.models import build_id
 from dynoai_daemon.patterns.decel import BANDS
 
 FloatArray = npt.NDArray[np.float64]

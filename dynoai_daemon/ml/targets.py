@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from dynoai_daemon.errors import InputError
-from dynoai_daemon.ml.features import build_id, build_row, day_row
+from dynoai_daemon.ml.features import build_row, day_row
+from dynoai_daemon.models import build_id
 from dynoai_daemon.patterns.cells import REGIONS
 from dynoai_daemon.patterns.decel import BANDS
 

@@ -23,6 +23,7 @@ from dynoai_daemon.models.build import (
     CamSpecification,
     DynoSessionMetadata,
     EnvironmentalConditions,
+    build_id,
 )
 from dynoai_daemon.models.dataset import TrainingDataset
 from dynoai_daemon.models.enums import (
@@ -82,6 +83,7 @@ __all__ = [
     "TuningObjective",
     "TuningSession",
     "VEScalingPattern",
+    "build_id",
     "correction_factor",
     "f_to_c",
     "format_errors",

@@ -6,7 +6,10 @@ factor) and DynoSessionMetadata.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
 from typing import Any, Self
 
 from pydantic import Field, computed_field, field_validator, model_validator
@@ -146,3 +149,37 @@ class DynoSessionMetadata(_Model):
     fan_airflow_cfm: OptFloat = Field(None, ge=0.0, le=100_000.0)
     warmup_time_min: OptFloat = Field(None, ge=0.0, le=600.0)
     runs_performed: int | None = Field(None, ge=0)
+
+
+def build_id(build: BuildConfiguration | Mapping[str, Any] | None) -> str:
+    """Stable 12-hex id of a build: sha256 of its canonical JSON (keys sorted, Nones and
+    computed fields dropped, ``header_type`` folded into ``exhaust_type``); ``"unknown"``
+    without a build. The one build identity of the project: model groups, the live
+    tune pool, ``predict/<build_id>`` and the collector's ``build_id`` column."""
+    if isinstance(build, BuildConfiguration):
+        build = build.model_dump(mode="json")
+    if not build:
+        return "unknown"
+
+    def clean(d: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if v is None or k in ("overlap_category",):
+                continue
+            out[k] = clean(v) if isinstance(v, Mapping) else v
+        return out
+
+    b = clean(build)
+    if "exhaust_type" not in b and "header_type" in b:
+        b["exhaust_type"] = b["header_type"]
+    b.pop("header_type", None)
+    for k, v in list(b.items()):
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            b[k] = round(float(v), 4)
+    cam = b.get("cam_spec")
+    if isinstance(cam, dict):
+        b["cam_spec"] = {
+            k: round(float(v), 4) if isinstance(v, int | float) else v for k, v in cam.items()
+        }
+    text = json.dumps(b, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

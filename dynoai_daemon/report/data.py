@@ -22,8 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from dynoai_daemon.alerts import AlertEngine
+from dynoai_daemon.channels import Frame
 from dynoai_daemon.config import Settings
+from dynoai_daemon.core import Core
 from dynoai_daemon.errors import DynoError, InputError
+from dynoai_daemon.logs import read_log
 from dynoai_daemon.models import EnvironmentalConditions
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
@@ -179,8 +183,6 @@ def read_raw(path: Path, stoich: float) -> dict[str, FloatArray]:
     Raises:
         InputError / DynoError: the log reader's errors (file and line).
     """
-    from dynoai_daemon.logs import read_log
-
     ts: list[FloatArray] = []
     cols: dict[str, list[FloatArray]] = {}
     n = 0
@@ -208,10 +210,6 @@ def replay_alerts(raw: dict[str, FloatArray], settings: Settings) -> list[dict[s
     raised: identical on the simulator's runs, at a quarter of the CPU), so it is what a
     live subscriber got (source-stale alerts excepted: they come from drivers).
     """
-    from dynoai_daemon.alerts import AlertEngine
-    from dynoai_daemon.channels import Frame
-    from dynoai_daemon.core import Core
-
     t = raw["time_s"]
     if t.size == 0:
         return []

@@ -21,8 +21,8 @@ import structlog
 
 from dynoai_daemon.errors import InputError
 from dynoai_daemon.ml import MODEL_CARD
-from dynoai_daemon.ml.features import build_id
 from dynoai_daemon.ml.predict import predict_build, prediction_payload
+from dynoai_daemon.models import build_id
 
 log = structlog.get_logger(__name__)
 

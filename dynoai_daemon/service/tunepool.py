@@ -22,7 +22,6 @@ build's pulls: tens of sessions, not thousands).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ import structlog
 
 from dynoai_daemon.config import TuningConfig
 from dynoai_daemon.errors import InputError
-from dynoai_daemon.models import BuildConfiguration, TuningSession
+from dynoai_daemon.models import BuildConfiguration, TuningSession, build_id
 from dynoai_daemon.patterns.cells import to_nested
 from dynoai_daemon.patterns.pooled import CylinderPool, has_statistics, pool_sessions
 from dynoai_daemon.store.files import SessionStore, atomic_write_text
@@ -49,11 +48,8 @@ MAX_POOL = 200
 
 
 def build_key(build: BuildConfiguration | None) -> str:
-    """A stable short id of a build (sha256 of its canonical JSON), ``"none"`` without."""
-    if build is None:
-        return "none"
-    text = json.dumps(build.model_dump(mode="json", exclude_none=True), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """The pool's build identity: the project's build id, ``"none"`` without a build."""
+    return "none" if build is None else build_id(build)
 
 
 def _now() -> str:
