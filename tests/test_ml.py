@@ -32,7 +32,11 @@ from dynoai_daemon.service.daemon import Daemon
 from simulators.dyno import Simulation
 from simulators.fleet import build_scenario, generate_fleet, random_build, random_day, session_plan
 from simulators.truth import steady_weights
+from tests.collect_support import pg_db, restore_logging
 from tests.mosquitto import MosquittoBroker, Subscriber
+from tests.pg import TestDatabase
+
+__all__ = ["pg_db", "restore_logging"]  # fixtures, imported for pytest
 
 FLEET_BUILDS = 20
 
@@ -361,3 +365,30 @@ def test_first_guess_ve_scales_a_base_table_on_its_own_axes() -> None:
     assert first_guess_ve(cells, base, [1000.0, 2000.0], [20.0, 60.0, 150.0], "rear") == base
     with pytest.raises(ValueError):
         first_guess_ve(cells, base, [1000.0], [20.0, 60.0, 150.0])
+
+
+def test_train_from_the_collectors_postgresql_store(
+    trained: dict[str, Any],
+    tmp_path: Path,
+    pg_db: TestDatabase,
+    restore_logging: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The fleet's sessions reach the central store through the collector's own path
+    # (backfill), and `train --db` streams them back: the same dataset, the same models.
+    sessions_dir = tmp_path / "station" / "sessions"
+    sessions_dir.mkdir(parents=True)
+    for s in trained["sessions"]:
+        (sessions_dir / f"{s['session_id']}.json").write_text(json.dumps(s))
+    assert main(["collect", "--backfill", str(tmp_path / "station"), "--db", pg_db.url]) == 0
+    models = tmp_path / "models"
+    assert main(["train", "--db", pg_db.url, "--models", str(models)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(trained['sessions'])} session(s) read from the database" in out
+    card = json.loads((models / "model_card.json").read_text())
+    assert card["dataset_digest"] == trained["card"]["dataset_digest"]
+    assert set(card["models"]) == set(trained["card"]["models"])
+    # --db and --data-dir are one or the other.
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--db", pg_db.url, "--data-dir", str(tmp_path)])
+    assert exc.value.code == 2

@@ -5,8 +5,8 @@ database reader can take its place), builds the training tables, fits one model 
 pattern kind with build-grouped cross-validation against the per-family baseline, prints
 the CV table, and writes ``<models>/<kind>.skops`` and ``<models>/model_card.json``
 (default ``<data-dir>/models``). Kinds without enough data are listed with the reason and
-get no file. There is no ``--db`` in this build (sessions from PostgreSQL need the
-collector's reader).
+get no file. With ``--db URL`` the sessions come from the fleet collector's PostgreSQL
+store instead, streamed through a server-side cursor (never all in memory at once).
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ def add_parser(sub: Any) -> None:
         "train", help="fit the pattern models on stored sessions (grouped CV by build)"
     )
     p.add_argument("--config", metavar="FILE", help="TOML config (its data_dir)")
-    p.add_argument("--data-dir", metavar="DIR", help=f"sessions (default ./{DEFAULT_DATA_DIR})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-dir", metavar="DIR", help=f"sessions (default ./{DEFAULT_DATA_DIR})")
+    src.add_argument(
+        "--db",
+        metavar="URL",
+        help="read the sessions from the collector's PostgreSQL store instead (dynoai collect)",
+    )
     p.add_argument("--models", metavar="DIR", help="output folder (default <data-dir>/models)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the forests")
     p.set_defaults(handler=run)
@@ -45,6 +51,7 @@ def data_dir_of(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Train; exit 0 when at least one model was written, 2 when none could be."""
+    from dynoai_daemon.collect.reader import iter_sessions
     from dynoai_daemon.errors import InputError
     from dynoai_daemon.ml.store import save_models
     from dynoai_daemon.ml.targets import collect, iter_session_files
@@ -53,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
     models_dir = Path(args.models) if args.models else data_dir / "models"
     t0 = time.perf_counter()
-    tables = collect(iter_session_files(data_dir))
+    where = "the database" if args.db else str(data_dir / "sessions")
+    source = iter_sessions(args.db) if args.db else iter_session_files(data_dir)
+    tables = collect(source)
     if tables.sessions == 0:
-        raise InputError(f"no sessions to learn from, {data_dir / 'sessions'}")
+        raise InputError(f"no sessions to learn from, {where}")
     print(
-        f"{tables.sessions} session(s) read from {data_dir / 'sessions'}"
+        f"{tables.sessions} session(s) read from {where}"
         + (
             f", {tables.skipped_no_build} without a build (skipped)"
             if tables.skipped_no_build
