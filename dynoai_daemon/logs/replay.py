@@ -39,6 +39,7 @@ from dynoai_daemon.errors import InputError
 from dynoai_daemon.logs.base import LogReader
 from dynoai_daemon.logs.decide import DecidedLog
 from dynoai_daemon.logs.delimited import DelimitedReader
+from dynoai_daemon.logs.prefetch import Prefetch
 from dynoai_daemon.logs.readers import read_log
 from dynoai_daemon.logs.sniff import sniff_format
 from dynoai_daemon.models import TuningSession, format_errors
@@ -381,7 +382,11 @@ def _replay_file(
         raise InputError(f"cannot read log: {exc.strerror or exc}", path=str(p)) from exc
     result.result.files += 1
     first: float | None = None
-    it: Iterable[Frame] = reader if speed is None else _paced(reader, speed)
+    # As fast as possible: the reader parses ahead in its own thread (pyarrow releases the
+    # GIL) while this thread runs the core. Paced: no need, the core waits anyway.
+    it: Iterable[Frame] = (
+        Prefetch(reader, name=f"read:{p.name}") if speed is None else _paced(reader, speed)
+    )
     tp = time.perf_counter()
     for frame in it:
         if not len(frame):
