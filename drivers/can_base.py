@@ -517,6 +517,11 @@ class CanDriver(Driver):
         fn = getattr(self.codec, "can_filters", None)
         return fn() if callable(fn) else None
 
+    @property
+    def link(self) -> str:
+        """``interface:channel`` of the bus."""
+        return f"{self.interface}:{self.channel}"
+
     def _bus_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"interface": self.interface, "channel": self.channel}
         if self.bitrate is not None:
@@ -534,7 +539,8 @@ class CanDriver(Driver):
         loop = asyncio.get_running_loop()
         self._generation += 1
         try:
-            bus = can.Bus(**self._bus_kwargs())
+            # Opening a bus can block (a USB adapter's driver, a socket's bind): a thread.
+            bus = await asyncio.to_thread(can.Bus, **self._bus_kwargs())
         except (
             can.CanError,
             OSError,
@@ -572,12 +578,13 @@ class CanDriver(Driver):
         reader, self._reader = self._reader, None
         bus, self._bus = self._bus, None
         if reader is not None:
-            # The reader thread wakes every notifier_timeout_s, so this join is short.
+            # The reader thread wakes every notifier_timeout_s; joining it (and shutting a
+            # vendor bus down) can still take a while: not on the loop.
             with contextlib.suppress(Exception):
-                reader.stop(timeout=max(1.0, 4 * self.notifier_timeout_s))
+                await asyncio.to_thread(reader.stop, max(1.0, 4 * self.notifier_timeout_s))
         if bus is not None:
             with contextlib.suppress(Exception):
-                bus.shutdown()
+                await asyncio.to_thread(bus.shutdown)
         self.sync_stats()
 
     async def _read(self) -> None:
@@ -614,9 +621,9 @@ class CanDriver(Driver):
                 continue
             try:
                 self.handle_frame(msg, t, out)
-            except Exception as exc:  # a codec bug must surface, not vanish in a callback
-                self._error = DriverError(f"{self.source}: decoding failed: {exc!r}")
-                break
+            except Exception:  # a codec bug on one frame is a decode error, not a dead link
+                self.stats.bad_frames += 1
+                self._counters["codec_errors"] = self._counters.get("codec_errors", 0) + 1
         if not self._wake.is_set():
             self._wake.set()
 

@@ -128,6 +128,7 @@ class AlertConfig(_Section):
     imbalance_afr: float = Field(0.5, gt=0)
     imbalance_min_weight: float = Field(10.0, gt=0)
     alert_repeat_s: float = Field(5.0, ge=0)
+    source_stale_s: float = Field(2.0, gt=0)  # a source silent this long raises a sensor alert
 
 
 class MqttConfig(_Section):
