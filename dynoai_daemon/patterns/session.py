@@ -95,9 +95,7 @@ class SessionBuilder:
         self.objective = objective
         # Peak power of this bike's recent pulls (heat soak's hp_variation_before): bounded,
         # and restarted when another build is set, so it never spans bikes.
-        self.peak_hp_history: collections.deque[float] = collections.deque(
-            maxlen=PEAK_HP_HISTORY
-        )
+        self.peak_hp_history: collections.deque[float] = collections.deque(maxlen=PEAK_HP_HISTORY)
         self._history_build = build
 
     @classmethod
