@@ -29,6 +29,7 @@ SUBCOMMANDS = (
     "decode",
     "drivers",
     "config_cmd",
+    "dataset",
 )
 
 
