@@ -396,8 +396,15 @@ class CanDriver(Driver):
             raise ConfigError(
                 f"{self.name}: interface must be a non-empty string", field="interface"
             )
-        if bitrate is not None and (isinstance(bitrate, bool) or int(bitrate) <= 0):
-            raise ConfigError(f"{self.name}: bitrate must be positive", field="bitrate")
+        if isinstance(bitrate, str) and bitrate.strip().isdigit():
+            bitrate = int(bitrate)
+        if bitrate is not None and (
+            isinstance(bitrate, bool) or not isinstance(bitrate, int) or bitrate <= 0
+        ):
+            raise ConfigError(
+                f"{self.name}: bitrate must be a positive integer (bit/s), not {bitrate!r}",
+                field="bitrate",
+            )
         if echo_window_s < 0 or send_timeout_s < 0 or notifier_timeout_s <= 0:
             raise ConfigError(f"{self.name}: timeouts must be positive", field="echo_window_s")
         self.interface = interface
@@ -664,8 +671,12 @@ class CanDriver(Driver):
             raise InputError("no such capture file", path=str(p))
         try:
             reader = can.LogReader(p)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"cannot read CAN capture: {exc}", path=str(p)) from exc
+        except OSError as exc:
+            raise InputError(
+                f"cannot read CAN capture: {exc.strerror or exc}", path=str(p)
+            ) from exc
+        except Exception as exc:  # python-can's readers raise struct.error, BLFParseException...
+            raise InputError(f"not a readable CAN capture: {exc}", path=str(p)) from exc
         samples: list[Sample] = []
         records = 0
         try:

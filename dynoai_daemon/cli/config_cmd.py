@@ -35,7 +35,7 @@ def check_sources(settings: Settings, where: str) -> None:
             create_driver(src.driver, source=src.name, **src.options())
         except DynoError as exc:
             bad.append(f"sources[{i}] ({src.name}): {exc}")
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             bad.append(f"sources[{i}] ({src.name}): {exc}")
     if bad:
         raise ConfigError(f"{where}: " + "; ".join(bad))

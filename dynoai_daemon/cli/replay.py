@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -53,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.errors import InputError
     from dynoai_daemon.logs.replay import replay_logs
 
-    if args.speed is not None and args.speed <= 0:
-        raise InputError("--speed must be positive")
+    if args.speed is not None and not (math.isfinite(args.speed) and args.speed > 0):
+        raise InputError(f"--speed must be a positive finite number, not {args.speed}")
     if args.publish:
         return _replay_publish(args)
     settings = settings_from_args(args)

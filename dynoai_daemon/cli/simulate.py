@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from collections import Counter
@@ -124,8 +125,12 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.errors import ConfigError
     from simulators.scenario import load_scenario
 
-    if not (args.speed > 0):
-        raise ConfigError("--speed must be positive", field="speed")
+    if not (math.isfinite(args.speed) and args.speed > 0):
+        raise ConfigError(
+            f"--speed must be a positive finite number, not {args.speed}", field="speed"
+        )
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, not {args.seed}", field="seed")
     if args.pulls is not None and args.pulls < 0:
         raise ConfigError("--pulls must be >= 0", field="pulls")
     from dynoai_daemon.logs_setup import configure_logging
