@@ -80,10 +80,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.stop()
+    if args.no_store:
+        stored = "; nothing stored (--no-store)"
+    elif result.sessions:
+        stored = f"; {len(result.sessions)} session file(s) written under {settings.data_dir}"
+    else:
+        stored = "; nothing written"
     print(
         f"{result.rows} rows from {result.files} file(s): {len(result.sessions)} session(s), "
-        f"{result.discarded_runs} short run(s) discarded"
-        + (f"; written under {settings.data_dir}" if not args.no_store else ""),
+        f"{result.discarded_runs} short run(s) discarded{stored}",
         file=sys.stderr,
     )
     return 0
@@ -140,7 +145,22 @@ def _replay_publish(args: argparse.Namespace) -> int:
         await daemon.wait_sessions_idle()
         daemon.request_stop()
         await task
-        print(f"{rows} rows replayed and published", file=sys.stderr)
+        st = daemon.hub.stats
+        pub = daemon._publisher
+        mq = pub.stats() if pub is not None else {}
+        left = int(mq.get("outbox_depth", 0))
+        sent = (
+            f"{mq.get('published', 0)} message(s) published to {mq.get('url')}"
+            if pub is not None
+            else "MQTT disabled: nothing published"
+        )
+        if left:
+            why = mq.get("last_error") or "broker unreachable"
+            sent += f"; {left} still in the outbox ({why}), sent when the broker is back"
+        print(
+            f"{rows} rows replayed: {st.sessions} session(s), {st.alerts} alert(s); {sent}",
+            file=sys.stderr,
+        )
         return 0
 
     return asyncio.run(go())

@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_simulate(args, settings, scenario))
 
 
+async def _play(cell: Any) -> None:
+    await cell.wait_sources_online()
+    await cell.run_until_done()
+
+
 async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> int:
     from dynoai_daemon.service.daemon import Daemon
     from simulators.broker import BrokerHandle, find_or_start_broker
@@ -180,6 +185,7 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
     cell = VirtualCell(
         scenario, seed=args.seed, speed=args.speed, pulls=args.pulls, wideband=args.wideband
     )
+    interrupted = False
     try:
         await cell.start()
         sim = cell.simulation
@@ -204,8 +210,16 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
                 ready.cancel()
                 await task  # raises what stopped the daemon
                 return 1
-            await cell.wait_sources_online()
-            await cell.run_until_done()
+            # Ctrl-C/SIGTERM reach the daemon's handlers and stop it: the plan stops with it
+            # (a second signal exits at once, see Daemon).
+            plan = asyncio.create_task(_play(cell), name="plan")
+            done, _ = await asyncio.wait({plan, task}, return_when=asyncio.FIRST_COMPLETED)
+            if plan not in done:
+                interrupted = True
+                plan.cancel()
+                await asyncio.gather(plan, return_exceptions=True)
+            else:
+                plan.result()
         finally:
             daemon.request_stop()
             await task
@@ -214,7 +228,8 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         st = cell.stats
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(console.by_kind.items()))
         console.line(
-            f"done: {console.sessions} session(s), {console.alerts} alert(s)"
+            ("interrupted" if interrupted else "done")
+            + f": {console.sessions} session(s), {console.alerts} alert(s)"
             + (f" ({kinds})" if kinds else "")
             + "; "
             f"{st.events} events sent ({st.mts_packets} MTS packets, {st.can_frames} CAN "
@@ -224,4 +239,4 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         await cell.close()
         if broker is not None:
             await asyncio.to_thread(broker.stop)
-    return 0
+    return 130 if interrupted else 0

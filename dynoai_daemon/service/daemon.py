@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -271,6 +272,16 @@ class Daemon:
         """Ask the daemon to stop (signal handlers call this)."""
         self._stop.set()
 
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        # The first SIGTERM/SIGINT stops cleanly (bounded, STOP_BUDGET_S); a second one
+        # means the operator will not wait: leave now (the outbox and the raw file are
+        # already on disk; the open run is recovered at the next start).
+        if self._stop.is_set():
+            log.warning("second stop signal: exiting now", signal=sig.name)
+            os._exit(128 + int(sig))
+        log.info("stop signal", signal=sig.name)
+        self.request_stop()
+
     def healthy(self) -> bool:
         """True while the core loop keeps turning (gates the systemd watchdog)."""
         return time.monotonic() - self._loop_beat < max(2.0, 10 * self.settings.batch_ms / 1000)
@@ -288,8 +299,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         for sig, handler in (
-            (signal.SIGTERM, self.request_stop),
-            (signal.SIGINT, self.request_stop),
+            (signal.SIGTERM, functools.partial(self._on_stop_signal, signal.SIGTERM)),
+            (signal.SIGINT, functools.partial(self._on_stop_signal, signal.SIGINT)),
             (signal.SIGHUP, self.reload),
             (signal.SIGUSR1, dump_tasks),
         ):
