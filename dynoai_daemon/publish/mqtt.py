@@ -27,7 +27,9 @@ puts them in a bounded memory queue and a ``persist`` task writes them to the ou
 worker thread (one transaction, one fsync per batch). While the disk refuses (full, I/O
 error) they stay in memory (beyond ``MAX_PENDING`` the oldest is dropped and counted),
 ``storage_error`` says why, and the write is retried every second; when it succeeds they
-go out in order. The outbox is read and acknowledged in worker threads too.
+go out in order. Meanwhile the sender delivers the held messages straight from memory
+(once each), so alerts keep flowing during the outage. The outbox is read and
+acknowledged in worker threads too.
 
 Connection failures back off exponentially with jitter, capped
 (:mod:`dynoai_daemon.backoff`). :meth:`stop` flushes the outbox as far as the broker
@@ -281,6 +283,7 @@ class MqttPublisher:
         self._persist_lock = asyncio.Lock()
         self.dropped_durable = 0
         self.storage_error: str | None = None
+        self._sent_held: set[str] = set()  # held message ids already acknowledged
 
     # ------------------------------------------------------------- daemon API
 
@@ -334,8 +337,11 @@ class MqttPublisher:
         self._pending_seq += 1
         self._pending.append((self._pending_seq, (topic, data, level, keep, mid)))
         if len(self._pending) > MAX_PENDING:
-            self._pending.popleft()
-            self.dropped_durable += 1
+            _, dropped = self._pending.popleft()
+            if dropped[4] in self._sent_held:
+                self._sent_held.discard(dropped[4])  # it did reach the broker
+            else:
+                self.dropped_durable += 1
             log.error("durable message dropped: outbox unwritable", error=self.storage_error)
         if keep:
             # Not marked dirty: the outbox sends it now; memory re-sends it after a reconnect.
@@ -357,8 +363,10 @@ class MqttPublisher:
         async with self._persist_lock:
             while self._pending:
                 batch = list(self._pending)
+                # Held messages the broker already acknowledged need no outbox row.
+                todo = [m for _, m in batch if m[4] not in self._sent_held]
                 try:
-                    await asyncio.to_thread(self.outbox.put_many, [m for _, m in batch])
+                    await asyncio.to_thread(self.outbox.put_many, todo)
                 except StoreError as exc:
                     if self.storage_error != str(exc):
                         log.error("outbox write failed; holding messages", error=str(exc),
@@ -367,7 +375,7 @@ class MqttPublisher:
                     return False
                 last = batch[-1][0]
                 while self._pending and self._pending[0][0] <= last:
-                    self._pending.popleft()
+                    self._sent_held.discard(self._pending.popleft()[1][4])
                 if self.storage_error is not None:
                     log.info("outbox writable again", error_was=self.storage_error)
                 self.storage_error = None
@@ -379,6 +387,7 @@ class MqttPublisher:
             await self._pending_wake.wait()
             self._pending_wake.clear()
             if not await self.persist_pending():
+                self._outbox_wake.set()  # the sender delivers held messages from memory
                 # The disk refused: try again in a second (or sooner, on a new message).
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(PERSIST_RETRY_S):
@@ -653,6 +662,10 @@ class MqttPublisher:
             self._outbox_wake.clear()
             batch = await asyncio.to_thread(box.peek, self.batch)
             if not batch:
+                if self.storage_error is not None and self._pending:
+                    # The disk refuses: what it holds went out above; deliver the held
+                    # messages straight from memory so alerts keep flowing.
+                    await self._send_held(client)
                 if not self._pending:
                     self._outbox_empty.set()
                 await self._outbox_wake.wait()
@@ -671,6 +684,15 @@ class MqttPublisher:
                         error=str(exc),
                     )
                 await asyncio.to_thread(box.ack, msg.msg_id)
+
+    async def _send_held(self, client: aiomqtt.Client) -> None:
+        """Publish held (not yet persisted) messages once each, oldest first."""
+        for _, (topic, data, qos, retain, mid) in list(self._pending):
+            if mid in self._sent_held:
+                continue
+            await _publish(client, topic, data, qos=qos, retain=retain)
+            self._sent_held.add(mid)
+            self.published += 1
 
     async def _send_retained(self, client: aiomqtt.Client) -> None:
         while True:
