@@ -20,7 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 import structlog
 
 from drivers.base import Backoff
@@ -50,10 +49,18 @@ def pty_pair() -> Iterator[tuple[int, str]]:
 
 async def opened(drv: InnovateMtsDriver) -> None:
     """Open and wait until the port is open (pyserial flushes input on open)."""
+    up = asyncio.Event()
+    chained = drv.on_availability
+
+    def note(source: str, online: bool, why: str) -> None:
+        if online:
+            up.set()
+        if chained is not None:
+            chained(source, online, why)
+
+    drv.on_availability = note
     await drv.open()
-    async with asyncio.timeout(10):
-        while not drv.stats.online:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(up.wait(), 10)
 
 
 async def collect(drv: InnovateMtsDriver, n: int, within: float = 10.0) -> list[Sample]:
@@ -99,14 +106,16 @@ async def test_pty_garbage_then_valid_packets() -> None:
 async def test_a_codec_that_raises_is_a_decode_error_not_the_end_of_the_source() -> None:
     """One exception inside the codec: counted, the decoder replaced, reading goes on."""
     raised = 0
+    boom = asyncio.Event()
 
     class Flaky(MtsDecoder):
         def feed(self, data: bytes) -> list[Any]:
             nonlocal raised
             if b"\xff\xfe" in data and raised == 0:
                 raised += 1
+                boom.set()
                 raise RuntimeError("codec bug")
-            return super().feed(data)
+            return list(super().feed(data))
 
     class FlakyDriver(InnovateMtsDriver):
         def new_decoder(self) -> MtsDecoder:
@@ -123,9 +132,7 @@ async def test_a_codec_that_raises_is_a_decode_error_not_the_end_of_the_source()
         await opened(drv)
         try:
             os.write(master, b"\xff\xfe junk")
-            await asyncio.sleep(0)  # let the raise happen on its own read
-            while drv.counters["codec_errors"] == 0:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(boom.wait(), 10)  # the raise happens on its own read
             os.write(master, encode_packet([lambda_item(0.9), lambda_item(0.9)]) * 2)
             got = await collect(drv, 1)
         finally:
@@ -214,11 +221,21 @@ async def test_missing_port_and_can_interface_are_reported_with_the_os_reason(
         ],
     )
     daemon = Daemon(settings)
+    down: set[str] = set()
+    all_down = asyncio.Event()
+    report = daemon._on_availability
+
+    def note(source: str, online: bool, why: str) -> None:
+        report(source, online, why)
+        if not online:
+            down.add(source)
+            if len(down) == 3:
+                all_down.set()
+
+    daemon._on_availability = note  # type: ignore[method-assign,assignment]
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(daemon.run())
-        await daemon.ready.wait()
-        while len({e["source"] for e in logs if e["event"] == "source unavailable"}) < 3:
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(all_down.wait(), 10)
         health = daemon.health()
         daemon.request_stop()
         await task
@@ -246,7 +263,7 @@ async def test_an_unchanged_open_failure_is_reported_once(tmp_path: Path) -> Non
     )
     await drv.open()
     try:
-        while drv.retry.failures < 4:
+        while drv.retry.failures < 4:  # noqa: ASYNC110 (nothing signals a retry)
             await asyncio.sleep(0.01)
     finally:
         await drv.close()
