@@ -53,6 +53,7 @@ class RawRecorder:
         self._writer: CanonicalWriter | None = None
         self._active: str | None = None
         self._backlog: deque[Frame] = deque()
+        self._closing: list[tuple[CanonicalWriter, deque[Frame]]] = []
         self._backlog_rows = 0
         self._last_flush = time.monotonic()
         self._last_try = 0.0
@@ -133,6 +134,7 @@ class RawRecorder:
             op = self._ops.get()
             if op is None:
                 self._do_stop()
+                self._give_up_closing()
                 self._idle.set()
                 return
             try:
@@ -166,6 +168,7 @@ class RawRecorder:
         return True
 
     def _do_write(self, frame: Frame) -> None:
+        self._finish_closing(force=False)
         if self._active is None:
             self._pre.append(frame)
             newest = float(frame.t[-1])
@@ -179,15 +182,47 @@ class RawRecorder:
         self._drain(force=True)
         self._active = None
         w, self._writer = self._writer, None
-        if self._backlog_rows:
-            self.dropped_rows += self._backlog_rows
-            self._backlog.clear()
-            self._backlog_rows = 0
-        if w is not None:
+        if w is None:
+            if self._backlog_rows:  # the file could never be created
+                self.dropped_rows += self._backlog_rows
+                self._backlog.clear()
+                self._backlog_rows = 0
+            return
+        # A run ends, but the disk may still refuse: its file waits to be finished.
+        self._closing.append((w, self._backlog))
+        self._backlog = deque()
+        self._backlog_rows = 0
+        self._finish_closing(force=True)
+
+    def _finish_closing(self, *, force: bool) -> None:
+        """Write, flush and close the files of ended runs; keep those the disk refuses."""
+        if not self._closing:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_try < RETRY_S:
+            return
+        self._last_try = now
+        left: list[tuple[CanonicalWriter, deque[Frame]]] = []
+        for w, backlog in self._closing:
             try:
+                while backlog:
+                    w.write_frame(backlog[0])
+                    self.rows_written += len(backlog.popleft())
+                w.flush()
                 w.close()
             except OSError as exc:
                 self.error = f"{w.path}: {exc.strerror or exc}"
+                left.append((w, backlog))
+        self._closing = left
+        if not left and self._writer is None:
+            self.error = None
+
+    def _give_up_closing(self) -> None:
+        for w, backlog in self._closing:
+            self.dropped_rows += sum(len(f) for f in backlog)
+            with contextlib.suppress(OSError):
+                w.close()
+        self._closing = []
 
     def _hold(self, frame: Frame) -> None:
         self._backlog.append(frame)
@@ -221,7 +256,8 @@ class RawRecorder:
         except OSError as exc:
             self.error = f"{w.path}: {exc.strerror or exc}"
             return
-        self.error = None
+        if not self._closing:
+            self.error = None
 
 
 def orphaned_runs(data_dir: Path) -> list[Path]:
