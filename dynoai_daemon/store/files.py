@@ -170,8 +170,10 @@ def _session_line(session: TuningSession) -> tuple[bytes, dict[str, int]]:
         kind: [p.model_dump(mode="json") for p in scratch.patterns_of(kind)]
         for kind in PATTERN_KINDS
     }
+    # Id and counts first: indexing the file reads only this head of each line.
     body = {
         "session_id": session.session_id,
+        "pattern_counts": counts,
         "session": session.model_dump(mode="json"),
         "patterns": patterns,
     }
@@ -291,8 +293,12 @@ class SessionStore:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
                 fh.close()
 
-    def _lines(self, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _lines(
+        self, start: int, *, head_only: bool = False
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield ``(end offset, record)`` of each whole line from byte ``start``.
+
+        ``head_only``: parse only the line's head (id and pattern counts), not the session.
 
         Raises:
             StoreFileError: unreadable file, or a whole line that is not a record (named
@@ -313,7 +319,8 @@ class SessionStore:
                     return  # a line being written, or cut short: not part of the dataset
                 pos += len(raw)
                 try:
-                    rec = json.loads(raw)
+                    cut = raw.find(b',"session":') if head_only else -1
+                    rec = json.loads(raw[:cut] + b"}" if cut > 0 else raw)
                     if not isinstance(rec, dict) or not isinstance(rec.get("session_id"), str):
                         raise ValueError("no session_id")
                 except ValueError as exc:
@@ -341,11 +348,14 @@ class SessionStore:
             self._scanned, self._scanned_ino = 0, st.st_ino
         if st.st_size == self._scanned:
             return
-        for pos, rec in self._lines(self._scanned):
+        for pos, rec in self._lines(self._scanned, head_only=True):
             self._ids.add(rec["session_id"])
-            pats = rec.get("patterns") or {}
+            counts = rec.get("pattern_counts")
+            if not isinstance(counts, dict):
+                pats = rec.get("patterns") or {}
+                counts = {kind: len(pats.get(kind) or []) for kind in PATTERN_KINDS}
             for kind in PATTERN_KINDS:
-                self._counts[kind] += len(pats.get(kind) or [])
+                self._counts[kind] += int(counts.get(kind) or 0)
             self._scanned = pos
 
     def _import_old_export(self) -> list[TuningSession]:
