@@ -355,8 +355,16 @@ def slope_mb_min(samples: list[Sample]) -> float:
 
 #: Leaves that are a thread waiting, not working: py-spy's idle detection misses them here
 #: (the loop's epoll wait, the idle executor thread) or misplaces a suspended coroutine
-#: (``_get_loop`` under ``Event.wait``/``Queue.get``, Python 3.11).
-IDLE_LEAVES = ("EpollSelector.select (", "_worker (concurrent/futures/thread.py", "._get_loop (")
+#: (``_get_loop`` under ``Event.wait``/``Queue.get``, Python 3.11), the raw recorder's
+#: writer thread waiting for work (its own lines only: the writing itself is deeper), and
+#: python-can's udp_multicast reader thread waiting in ``select`` (its recv's own lines).
+IDLE_LEAVES = (
+    "EpollSelector.select (",
+    "_worker (concurrent/futures/thread.py",
+    "._get_loop (",
+    "RawRecorder._work (",
+    "GeneralPurposeUdpMulticastBus.recv (",
+)
 
 #: Subsystems by a frame in the stack, the first match from the root down.
 SUBSYSTEMS: tuple[tuple[str, str], ...] = (

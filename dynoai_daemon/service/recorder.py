@@ -60,8 +60,6 @@ class RawRecorder:
         self._ops: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
 
     @property
     def run_id(self) -> str | None:
@@ -106,10 +104,6 @@ class RawRecorder:
 
         self._submit(op)
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until the queued work is done (tests, shutdown); True if it is."""
-        return self._idle.wait(timeout)
-
     def close(self, timeout: float = 5.0) -> None:
         """Finish the queued work, close the file and end the thread (idempotent)."""
         self.stop()
@@ -120,12 +114,14 @@ class RawRecorder:
             t.join(timeout)
 
     def _submit(self, op: Callable[[], None]) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="raw-recorder", daemon=True)
-                self._thread.start()
-            self._idle.clear()
-            self._ops.put(op)
+        if self._thread is None:  # only the loop thread submits: no lock needed here
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._work, name="raw-recorder", daemon=True
+                    )
+                    self._thread.start()
+        self._ops.put(op)
 
     # ------------------------------------------------------------------ writer thread
 
@@ -135,14 +131,11 @@ class RawRecorder:
             if op is None:
                 self._do_stop()
                 self._give_up_closing()
-                self._idle.set()
                 return
             try:
                 op()
             except Exception as exc:  # never let one bad op end the recording
                 self.error = repr(exc)
-            if self._ops.empty():
-                self._idle.set()
 
     def _do_start(self, run_id: str) -> None:
         self._do_stop()
