@@ -304,7 +304,7 @@ class MqttPublisher:
     def publish_durable(
         self,
         topic: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | bytes,
         *,
         retain: bool | None = None,
         qos: int | None = None,
@@ -314,7 +314,7 @@ class MqttPublisher:
 
         Args:
             topic: full topic (see :meth:`topic`).
-            payload: JSON-ready dict.
+            payload: JSON-ready dict, or its JSON already encoded (bytes).
             retain: retain flag; the topic table's when None. A retained durable message
                 is also remembered and re-published after every reconnect.
             qos: 1 or 2; the topic table's (at least 1) when None.

@@ -48,6 +48,7 @@ from dynoai_daemon.errors import StoreError
 from dynoai_daemon.logs import read_log
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
+from dynoai_daemon.publish.topics import encode_payload
 from dynoai_daemon.service.arbiter import ChannelArbiter
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
 
@@ -63,7 +64,7 @@ STOP_BUDGET_S = 9.0
 class Publisher(Protocol):
     """What the daemon needs from the MQTT side (see :mod:`dynoai_daemon.publish`)."""
 
-    def publish_durable(self, topic: str, payload: dict[str, Any]) -> str: ...
+    def publish_durable(self, topic: str, payload: dict[str, Any] | bytes) -> str: ...
 
     def publish_retained(self, topic: str, payload: dict[str, Any] | None) -> None: ...
 
@@ -197,6 +198,11 @@ def dump_tasks() -> None:
     """SIGUSR1: log every asyncio task and where it waits (to diagnose a hang)."""
     for t in asyncio.all_tasks():
         log.warning("task", task=t.get_name(), done=t.done(), where=_where(t))
+
+
+def _encode_session(session: TuningSession) -> bytes:
+    """The session's MQTT payload (CPU work: call it in a thread)."""
+    return encode_payload(session.model_dump(mode="json"))
 
 
 def _finite(v: float) -> float | None:
@@ -577,7 +583,15 @@ class Daemon:
                 self.hub.stats.batch_errors += 1
             else:
                 await self._store_until_done(session)
-                self._safely(functools.partial(self._publish_session, session), "publish session")
+                try:  # a whole session is large: encoded off the loop
+                    body = await asyncio.to_thread(_encode_session, session)
+                except Exception as exc:
+                    log.exception("session not encoded", run=session.session_id, error=repr(exc))
+                    self.hub.stats.batch_errors += 1
+                    body = None
+                self._safely(
+                    functools.partial(self._publish_session, session, body), "publish session"
+                )
             if self._sessions_q.empty():
                 self._sessions_idle.set()
 
@@ -602,7 +616,7 @@ class Daemon:
         self.store.save_session(session)
         self.store.append_to_dataset(session)  # a session id already there is not re-added
 
-    def _publish_session(self, session: TuningSession) -> None:
+    def _publish_session(self, session: TuningSession, body: bytes | None = None) -> None:
         self.hub.stats.sessions += 1
         log.info(
             "session stored",
@@ -616,7 +630,8 @@ class Daemon:
         pub = self._publisher
         if pub is None:
             return
-        body = session.model_dump(mode="json")
+        if body is None:
+            body = _encode_session(session)
         pub.publish_durable(pub.topic(f"session/{session.session_id}"), body)
         summary = {
             "session_id": session.session_id,
