@@ -55,11 +55,12 @@ class RawRecorder:
         self._backlog: deque[Frame] = deque()
         self._closing: list[tuple[CanonicalWriter, deque[Frame]]] = []
         self._backlog_rows = 0
-        self._last_flush = time.monotonic()
         self._last_try = 0.0
         self._ops: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._batches: list[Frame] = []  # loop side: batches not yet handed over
+        self._last_send = time.monotonic()
 
     @property
     def run_id(self) -> str | None:
@@ -79,21 +80,32 @@ class RawRecorder:
 
     def start(self, run_id: str) -> None:
         """Open ``raw/<run_id>.csv`` and write the pre-run history into it."""
+        self._send_batches()
         self._run_id = run_id
         self._submit(lambda: self._do_start(run_id))
 
     def write(self, frame: Frame) -> None:
-        """Record a batch (to the open run's file, or to the pre-run history)."""
+        """Record a batch (to the open run's file, or to the pre-run history).
+
+        Batches are handed to the writer thread once a second (one thread wake-up and one
+        CSV write per second instead of one per batch): a killed daemon loses at most
+        that second, as it would with a flush per second.
+        """
         if len(frame):
-            self._submit(lambda: self._do_write(frame))
+            self._batches.append(frame)
+            now = time.monotonic()
+            if now - self._last_send >= FLUSH_S:
+                self._send_batches(now)
 
     def stop(self) -> None:
         """Close the open run's file, if any."""
+        self._send_batches()
         self._run_id = None
         self._submit(self._do_stop)
 
     def discard(self, run_id: str) -> None:
         """Close the open file and delete ``raw/<run_id>.csv`` (a run too short to keep)."""
+        self._send_batches()
         self._run_id = None
         path = self.path_for(run_id)
 
@@ -112,6 +124,12 @@ class RawRecorder:
         if t is not None:
             self._ops.put(None)
             t.join(timeout)
+
+    def _send_batches(self, now: float | None = None) -> None:
+        frames, self._batches = self._batches, []
+        self._last_send = time.monotonic() if now is None else now
+        if frames:
+            self._submit(lambda: self._do_write(frames))
 
     def _submit(self, op: Callable[[], None]) -> None:
         if self._thread is None:  # only the loop thread submits: no lock needed here
@@ -160,15 +178,16 @@ class RawRecorder:
             return False
         return True
 
-    def _do_write(self, frame: Frame) -> None:
+    def _do_write(self, frames: list[Frame]) -> None:
         self._finish_closing(force=False)
         if self._active is None:
-            self._pre.append(frame)
-            newest = float(frame.t[-1])
+            self._pre.extend(frames)
+            newest = float(frames[-1].t[-1])
             while self._pre and float(self._pre[0].t[-1]) < newest - PRE_RUN_S:
                 self._pre.popleft()
             return
-        self._hold(frame)
+        for frame in frames:
+            self._hold(frame)
         self._drain(force=False)
 
     def _do_stop(self) -> None:
@@ -237,15 +256,14 @@ class RawRecorder:
         w = self._writer
         assert w is not None
         try:
-            while self._backlog:
-                frame = self._backlog[0]
-                w.write_frame(frame)
-                self._backlog.popleft()
-                self._backlog_rows -= len(frame)
-                self.rows_written += len(frame)
-            if force or now - self._last_flush >= FLUSH_S:
-                w.flush()
-                self._last_flush = now
+            # One CSV write for everything held (a second of batches): far cheaper than one
+            # per batch. All or nothing, so a refused write is retried whole.
+            frame = concat_frames(list(self._backlog))
+            w.write_frame(frame)
+            self._backlog.clear()
+            self._backlog_rows = 0
+            self.rows_written += len(frame)
+            w.flush()
         except OSError as exc:
             self.error = f"{w.path}: {exc.strerror or exc}"
             return
