@@ -101,9 +101,9 @@ def run_check(args: argparse.Namespace) -> int:
                 f"{args.file}: cannot open "
                 + "; ".join(f"source {name!r}: {why}" for name, why in failed)
             )
-        print(f"probe: every source opened ({len(settings.sources)})")
+    opened = "opened" if args.probe else "not opened (--probe opens them)"
     print(
-        f"ok: station {settings.station}, {len(settings.sources)} source(s), "
+        f"ok: station {settings.station}, {len(settings.sources)} source(s) {opened}, "
         f"grid {len(settings.grid.rpm_axis)}x{len(settings.grid.map_axis)}"
     )
     return 0
