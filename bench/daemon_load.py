@@ -25,7 +25,11 @@ Every ``--sample-s`` seconds it reads the daemon's CPU (utime + stime from
 (mean and worst interval), RSS at start / end / max, the RSS slope (least squares, MB/min,
 whole window and second half) and RSS projected over an 8 h shift, against the targets:
 CPU <= 10 % of one core, RSS flat and under 150 MB (max, and the slope projected over 8 h).
-It also splits the CPU into user and kernel time and counts the daemon's context switches.
+It also splits the CPU into user and kernel time and counts the daemon's context switches,
+and reports the event loop's lag (health ``loop_lag_ms_max``, the worst scheduling delay
+of each health period). The data directory starts with a ``--dataset-sessions`` (default
+300) session dataset, so that appending each new session is measured against a grown
+store (it must cost the same as against an empty one: one line, one fsync).
 ``--profile FILE`` runs the daemon under ``py-spy record`` (collapsed stacks, blocking mode:
 it adds a little CPU to the daemon) and prints the busy samples by subsystem and the top
 functions, scaled to the measured CPU; idle waits that py-spy reports as busy here (the
@@ -60,6 +64,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import can
+import numpy as np
 
 from bench.alert_latency import (
     CAN_GROUP,
@@ -314,6 +319,7 @@ class Sample:
     rss_mb: float
     sessions: int | None
     alerts: int | None
+    lag_ms: float | None = None  # the daemon's loop_lag_ms_max of its latest health
 
 
 def cpu_user_sys_s(pid: int) -> tuple[float, float]:
@@ -349,8 +355,16 @@ def slope_mb_min(samples: list[Sample]) -> float:
 
 #: Leaves that are a thread waiting, not working: py-spy's idle detection misses them here
 #: (the loop's epoll wait, the idle executor thread) or misplaces a suspended coroutine
-#: (``_get_loop`` under ``Event.wait``/``Queue.get``, Python 3.11).
-IDLE_LEAVES = ("EpollSelector.select (", "_worker (concurrent/futures/thread.py", "._get_loop (")
+#: (``_get_loop`` under ``Event.wait``/``Queue.get``, Python 3.11), the raw recorder's
+#: writer thread waiting for work (its own lines only: the writing itself is deeper), and
+#: python-can's udp_multicast reader thread waiting in ``select`` (its recv's own lines).
+IDLE_LEAVES = (
+    "EpollSelector.select (",
+    "_worker (concurrent/futures/thread.py",
+    "._get_loop (",
+    "RawRecorder._work (",
+    "GeneralPurposeUdpMulticastBus.recv (",
+)
 
 #: Subsystems by a frame in the stack, the first match from the root down.
 SUBSYSTEMS: tuple[tuple[str, str], ...] = (
@@ -462,6 +476,35 @@ def daemon_config(
     return cfg
 
 
+def seed_dataset(data_dir: Path, n: int) -> str:
+    """Put ``n`` sessions (clones of sessions from a replayed synthetic log) in the dataset."""
+    if n <= 0:
+        return "none"
+    from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS, Settings
+    from dynoai_daemon.logs import write_canonical
+    from dynoai_daemon.logs.replay import replay_logs
+    from dynoai_daemon.store import SessionStore
+    from tests.synth import Plan, make_log
+
+    rng = np.random.default_rng(7)
+    shape = (len(DEFAULT_RPM_AXIS), len(DEFAULT_MAP_AXIS))
+    ratio = 1.0 + rng.uniform(-0.05, 0.05, shape)
+    plan = Plan([("idle", 2), ("hold", 3000, 80, 3.0), ("pull", 2000, 6000, 8), ("idle", 7)])
+    log = data_dir.parent / "seed.csv"
+    write_canonical(log, [make_log(plan, ratio, ratio, seed=7)])
+    settings = Settings(station="seed", data_dir=str(data_dir.parent / "seed"))
+    base = replay_logs([log], settings, store=False).sessions
+    if not base:
+        return "none (the seed log gave no session)"
+    clones = [
+        base[i % len(base)].model_copy(update={"session_id": f"seed-{i:04d}"}) for i in range(n)
+    ]
+    store = SessionStore(data_dir)
+    store.append_many_to_dataset(clones)
+    size = store.dataset_path.stat().st_size
+    return f"{n} sessions, {size / 1e6:.1f} MB in {store.dataset_path.name}"
+
+
 def own_cpu_s() -> float:
     """This process's CPU seconds (the feeder's; reported, never counted for the daemon)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -494,6 +537,8 @@ async def amain(args: argparse.Namespace) -> bool:
         )  # fmt: skip
         cfg_path = tmp / "dynoai.toml"
         cfg_path.write_text(to_toml(cfg))
+        seeded = await asyncio.to_thread(seed_dataset, tmp / "data", args.dataset_sessions)
+        print(f"dataset seeded: {seeded}")
         bus = can.Bus(interface="udp_multicast", channel=CAN_GROUP, port=can_port)
         jd = JetDriveProvider(
             name="Dyno",
@@ -579,7 +624,7 @@ async def sample_loop(
     u0, s0 = cpu_user_sys_s(pid)
     w0 = ctx_switches(pid)
     c_prev, t_prev = proc_cpu_s(pid), t0
-    print(f"{'t s':>7} {'CPU %':>6} {'RSS MB':>7} {'sessions':>8} {'alerts':>6}")
+    print(f"{'t s':>7} {'CPU %':>6} {'RSS MB':>7} {'sessions':>8} {'alerts':>6} {'lag ms':>6}")
     print(f"{0:>7.0f} {'':>6} {samples[0].rss_mb:>7.1f}")
     n = max(1, round(args.seconds / args.sample_s))
     for k in range(1, n + 1):
@@ -594,13 +639,15 @@ async def sample_loop(
             proc_rss_mb(pid),
             h.get("hub", {}).get("sessions"),
             sum(h.get("alerts", {}).values()) if h else None,
+            h.get("loop_lag_ms_max"),
         )
         samples.append(s)
         c_prev, t_prev = c, now
         print(
             f"{s.t:>7.0f} {s.cpu_pct:>6.1f} {s.rss_mb:>7.1f} "
             f"{s.sessions if s.sessions is not None else '-':>8} "
-            f"{s.alerts if s.alerts is not None else '-':>6}",
+            f"{s.alerts if s.alerts is not None else '-':>6} "
+            f"{s.lag_ms if s.lag_ms is not None else '-':>6}",
             flush=True,
         )
     u1, s1 = cpu_user_sys_s(pid)
@@ -666,6 +713,14 @@ def report(
         )
         print(f"alerts: {counts or 'none'}{note}")
     print(f"sessions stored (daemon log): {sessions_logged}")
+    lags = sorted(s.lag_ms for s in samples if s.lag_ms is not None)
+    if lags:
+        print(
+            f"event loop lag (worst per health period, ms): median {lags[len(lags) // 2]:.1f}, "
+            f"max {lags[-1]:.1f} over {len(lags)} periods"
+        )
+    if health is not None:
+        print(f"storage: {health.get('storage')}; dataset: {args.dataset_sessions} seeded + new")
     print(
         f"feeder (this script, not counted): {feeder_cpu / elapsed * 100:.0f} % of one core; "
         f"machine: {load}"
@@ -718,6 +773,10 @@ def main() -> None:
         "--daemon-prefix", default="",
         help="command put in front of the daemon's (a launcher or tracer; the measured pid is "
         "the first Python process under it)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--dataset-sessions", type=int, default=300,
+        help="sessions already in the dataset when the daemon starts (default 300)",
     )  # fmt: skip
     ap.add_argument("--data-dir", help="keep config, log and data here (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")

@@ -7,6 +7,14 @@ Drivers that own a physical link use :meth:`Driver.run_with_reconnect` so that a
 USB adapter, bus or socket is retried with capped exponential backoff plus jitter while the
 rest of the daemon keeps running; availability changes are reported through
 ``on_availability`` and counted in :class:`DriverStats`.
+
+Error policy (the same for every driver): content the codec cannot make sense of, even
+an exception raised inside a codec, is a decode error (counted, the decoder resyncs,
+reading goes on); a failure of the link itself (open refused, read error, EOF, hang-up)
+closes it and reopens it after a :class:`~dynoai_daemon.backoff.Backoff` wait that grows
+while the link keeps failing and resets only after it stayed up for a healthy period.
+Every failure reaches ``on_availability`` with its reason the first time and whenever
+the reason changes, and the last one is kept in ``stats.last_error``.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
 
+from dynoai_daemon.backoff import Backoff, RetryState
 from dynoai_daemon.channels import Sample, screen_samples
 from dynoai_daemon.errors import DriverError, DriverOperationError, InputError
 
@@ -41,26 +49,12 @@ class DriverStats:
     samples: int = 0
     last_seen: float | None = None  # monotonic seconds of the last good message
     online: bool = False
+    last_error: str | None = None  # why the link last failed or would not open
     extra: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the counters as a JSON-ready dict."""
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    initial_s: float = 0.2
-    max_s: float = 10.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Return the wait before retry number ``attempt`` (0-based)."""
-        cap = min(self.max_s, self.initial_s * self.factor ** max(0, attempt))
-        r = (rng or random).random()
-        return cap * (0.5 + 0.5 * r)
 
 
 class Driver(abc.ABC):
@@ -108,6 +102,8 @@ class Driver(abc.ABC):
         self._task: asyncio.Task[None] | None = None
         self._closed = True
         self._opened_once = False
+        self._reason: str | None = None
+        self.retry = RetryState(self.backoff)
 
     # --- public API -------------------------------------------------------------------
 
@@ -249,50 +245,63 @@ class Driver(abc.ABC):
                     q.get_nowait()
                     self.stats.drops += 1
 
+    @property
+    def link(self) -> str:
+        """The port, interface or socket this driver reads (for log lines and health)."""
+        return ""
+
     def _set_online(self, online: bool, reason: str) -> None:
-        if self.stats.online == online:
+        # A source starts offline, so the first open failure is a change of *reason*, not
+        # of state: report it (and every new reason), not only online/offline flips.
+        if self.stats.online == online and (online or reason == self._reason):
             return
         self.stats.online = online
+        self._reason = reason
+        if not online and reason != "closed":
+            self.stats.last_error = reason
         if self.on_availability is not None:
             self.on_availability(self.source, online, reason)
 
     async def _pump(self) -> None:
-        attempt = 0
         first = True
-        try:
-            while not self._closed:
-                if not (first and not self.reconnect):
-                    try:
-                        await self._open()
-                    except DriverError as exc:
-                        if not self.reconnect:
-                            self._put_nowait(exc)
-                            return
-                        self._set_online(False, str(exc))
-                        await asyncio.sleep(self.backoff.delay(attempt))
-                        attempt += 1
-                        continue
-                    if not first:
-                        self.stats.reconnects += 1
-                    self._set_online(True, "opened")
-                first = False
+        retry = self.retry
+        while not self._closed:
+            if not (first and not self.reconnect):
                 try:
-                    await self._read()
-                    raise DriverOperationError(f"{self.source}: link closed")
+                    await self._open()
                 except DriverError as exc:
-                    self._set_online(False, str(exc))
-                    with contextlib.suppress(Exception):
-                        await self._close()
                     if not self.reconnect:
                         self._put_nowait(exc)
                         return
-                    attempt = 0 if self.stats.last_seen is not None else attempt
-                    await asyncio.sleep(self.backoff.delay(attempt))
-                    attempt += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug in a codec must not hang readers
-            self._put_nowait(DriverError(f"{self.source}: {exc!r}"))
+                    self._set_online(False, str(exc))
+                    await asyncio.sleep(retry.failed(time.monotonic()))
+                    continue
+                except Exception as exc:  # a vendor library raising something unexpected
+                    if not self.reconnect:
+                        self._put_nowait(DriverError(f"{self.source}: {exc!r}"))
+                        return
+                    self._set_online(False, f"{self.source}: cannot open: {exc!r}")
+                    await asyncio.sleep(retry.failed(time.monotonic()))
+                    continue
+                if not first:
+                    self.stats.reconnects += 1
+                self._set_online(True, "opened")
+            first = False
+            retry.up(time.monotonic())
+            try:
+                await self._read()
+                raise DriverOperationError(f"{self.source}: link closed")
+            except Exception as exc:
+                err = exc
+                if not isinstance(exc, DriverError):
+                    err = DriverError(f"{self.source}: {exc!r}")
+                self._set_online(False, str(err))
+                with contextlib.suppress(Exception):
+                    await self._close()
+                if not self.reconnect:
+                    self._put_nowait(err)
+                    return
+                await asyncio.sleep(retry.failed(time.monotonic()))
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:

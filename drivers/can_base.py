@@ -319,8 +319,15 @@ class CanDriver(Driver):
             raise ConfigError(
                 f"{self.name}: interface must be a non-empty string", field="interface"
             )
-        if bitrate is not None and (isinstance(bitrate, bool) or int(bitrate) <= 0):
-            raise ConfigError(f"{self.name}: bitrate must be positive", field="bitrate")
+        if isinstance(bitrate, str) and bitrate.strip().isdigit():
+            bitrate = int(bitrate)
+        if bitrate is not None and (
+            isinstance(bitrate, bool) or not isinstance(bitrate, int) or bitrate <= 0
+        ):
+            raise ConfigError(
+                f"{self.name}: bitrate must be a positive integer (bit/s), not {bitrate!r}",
+                field="bitrate",
+            )
         if echo_window_s < 0 or send_timeout_s < 0 or notifier_timeout_s <= 0:
             raise ConfigError(f"{self.name}: timeouts must be positive", field="echo_window_s")
         self.interface = interface
@@ -441,6 +448,11 @@ class CanDriver(Driver):
         fn = getattr(self.codec, "can_filters", None)
         return fn() if callable(fn) else None
 
+    @property
+    def link(self) -> str:
+        """``interface:channel`` of the bus."""
+        return f"{self.interface}:{self.channel}"
+
     def _bus_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"interface": self.interface, "channel": self.channel}
         if self.bitrate is not None:
@@ -458,7 +470,8 @@ class CanDriver(Driver):
         loop = asyncio.get_running_loop()
         self._generation += 1
         try:
-            bus = can.Bus(**self._bus_kwargs())
+            # Opening a bus can block (a USB adapter's driver, a socket's bind): a thread.
+            bus = await asyncio.to_thread(can.Bus, **self._bus_kwargs())
         except (
             can.CanError,
             OSError,
@@ -496,12 +509,13 @@ class CanDriver(Driver):
         reader, self._reader = self._reader, None
         bus, self._bus = self._bus, None
         if reader is not None:
-            # The reader thread wakes every notifier_timeout_s, so this join is short.
+            # The reader thread wakes every notifier_timeout_s; joining it (and shutting a
+            # vendor bus down) can still take a while: not on the loop.
             with contextlib.suppress(Exception):
-                reader.stop(timeout=max(1.0, 4 * self.notifier_timeout_s))
+                await asyncio.to_thread(reader.stop, max(1.0, 4 * self.notifier_timeout_s))
         if bus is not None:
             with contextlib.suppress(Exception):
-                bus.shutdown()
+                await asyncio.to_thread(bus.shutdown)
         self.sync_stats()
 
     async def _read(self) -> None:
@@ -538,9 +552,9 @@ class CanDriver(Driver):
                 continue
             try:
                 self.handle_frame(msg, t, out)
-            except Exception as exc:  # a codec bug must surface, not vanish in a callback
-                self._error = DriverError(f"{self.source}: decoding failed: {exc!r}")
-                break
+            except Exception:  # a codec bug on one frame is a decode error, not a dead link
+                self.stats.bad_frames += 1
+                self._counters["codec_errors"] = self._counters.get("codec_errors", 0) + 1
         if not self._wake.is_set():
             self._wake.set()
 
@@ -583,8 +597,12 @@ class CanDriver(Driver):
             raise InputError("no such capture file", path=str(p))
         try:
             reader = can.LogReader(p)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"cannot read CAN capture: {exc}", path=str(p)) from exc
+        except OSError as exc:
+            raise InputError(
+                f"cannot read CAN capture: {exc.strerror or exc}", path=str(p)
+            ) from exc
+        except Exception as exc:  # python-can's readers raise struct.error, BLFParseException...
+            raise InputError(f"not a readable CAN capture: {exc}", path=str(p)) from exc
         samples: list[Sample] = []
         records = 0
         try:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import stat
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -203,7 +204,8 @@ class SerialDriver(Driver):
         # so a half packet from before an unplug is never glued to new data).
         self._bad_before = 0
         self._skipped_before = 0
-        self.counters: dict[str, int] = {"bytes": 0}
+        self.counters: dict[str, int] = {"bytes": 0, "codec_errors": 0}
+        self._last_rx: float | None = None
 
     # --- for subclasses ---------------------------------------------------------------------
 
@@ -225,8 +227,17 @@ class SerialDriver(Driver):
 
     # --- decoding shared by the live path, captures and benchmarks ------------------------
 
-    def ingest(self, data: bytes, t: float, out: list[Sample]) -> int:
-        """Feed received bytes to the current decoder; append samples stamped ``t``.
+    def ingest(
+        self, data: bytes, t: float, out: list[Sample], *, t_prev: float | None = None
+    ) -> int:
+        """Feed received bytes to the current decoder; append their samples to ``out``.
+
+        Each message gets its own stamp: with ``t_prev`` (when the previous chunk
+        arrived) the messages completed by one chunk are spread back from ``t`` at the
+        protocol's nominal period, never reaching ``t_prev``, so readings that piled up
+        while the reader was held up (a stalled loop, a stopped process) stay distinct
+        readings at plausible times; without it they are all stamped ``t``. A codec that
+        raises is a decode error: counted, the decoder replaced (resync), never fatal.
 
         Returns:
             The number of data messages decoded.
@@ -236,14 +247,31 @@ class SerialDriver(Driver):
             dec = self._decoder = self.new_decoder()
         self.counters["bytes"] += len(data)
         n = 0
-        for msg in dec.feed(data):
-            if self.message_samples(msg, t, out):
-                n += 1
+        try:
+            msgs = dec.feed(data)
+            k = len(msgs)
+            step = 0.0
+            if t_prev is not None and k > 1:
+                step = min(self.nominal_period_s, max(0.0, t - t_prev) / k)
+            for i, msg in enumerate(msgs):
+                if self.message_samples(msg, t - (k - 1 - i) * step, out):
+                    n += 1
+        except Exception:
+            self._codec_failed(dec)
         if n:
             self.stats.messages += n
             self.stats.last_seen = t
         self.sync_stats()
         return n
+
+    def _codec_failed(self, dec: StreamDecoder) -> None:
+        # Resync with a fresh decoder; the bytes the broken one held are lost, counted once.
+        self.counters["codec_errors"] = self.counters.get("codec_errors", 0) + 1
+        with contextlib.suppress(Exception):
+            self._bad_before += int(dec.bad_frames)
+            self._skipped_before += int(dec.skipped_bytes)
+        self._bad_before += 1
+        self._decoder = self.new_decoder()
 
     def sync_stats(self) -> DriverStats:
         """Copy decoder counters into ``stats`` and ``stats.extra``; return the stats."""
@@ -258,10 +286,16 @@ class SerialDriver(Driver):
     def _retire_decoder(self) -> None:
         dec, self._decoder = self._decoder, None
         if dec is not None:
-            dec.flush()  # a cut-off partial packet counts as skipped bytes
+            with contextlib.suppress(Exception):
+                dec.flush()  # a cut-off partial packet counts as skipped bytes
             self._bad_before += dec.bad_frames
             self._skipped_before += dec.skipped_bytes
         self.sync_stats()
+
+    @property
+    def link(self) -> str:
+        """The serial port or URL."""
+        return self.port
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -298,6 +332,19 @@ class SerialDriver(Driver):
 
         if not self.port:
             raise DriverOpenError(f"{self.source}: no serial port configured")
+        if "://" not in self.port:
+            # pyserial opens a regular file or a directory without complaint (and then
+            # reads EOF forever): say what is wrong instead.
+            try:
+                mode = os.stat(self.port).st_mode
+            except OSError as exc:
+                raise DriverOpenError(
+                    f"{self.source}: cannot open {self.port}: {exc.strerror or exc}"
+                ) from exc
+            if not stat.S_ISCHR(mode):
+                raise DriverOpenError(
+                    f"{self.source}: cannot open {self.port}: not a serial device"
+                )
 
         def do_open() -> Any:
             return serial.serial_for_url(
@@ -325,6 +372,7 @@ class SerialDriver(Driver):
         self._serial = ser
         self._fd = fd
         self._decoder = self.new_decoder()
+        self._last_rx = self.clock()
 
     async def _close(self) -> None:
         ser, self._serial = self._serial, None
@@ -364,10 +412,7 @@ class SerialDriver(Driver):
             if not data:
                 fail(DriverOperationError(f"{self.source}: {self.port} closed (EOF)"))
                 return
-            try:
-                self._deliver(data)
-            except Exception as exc:  # a codec bug must surface, not vanish in a callback
-                fail(exc)
+            self._deliver(data)  # never raises for content: see ingest()
 
         try:
             loop.add_reader(fd, on_readable)
@@ -399,7 +444,9 @@ class SerialDriver(Driver):
 
     def _deliver(self, data: bytes) -> None:
         batch: list[Sample] = []
-        self.ingest(data, self.clock(), batch)
+        t = self.clock()
+        prev, self._last_rx = self._last_rx, t
+        self.ingest(data, t, batch, t_prev=prev)
         if batch:
             self.stats.samples += len(batch)
             self._put_nowait(batch)

@@ -5,6 +5,12 @@ it, so an alert leaves within one micro-batch of the reading that caused it. Eve
 names station, run, cylinder, cell (the centre of the nearest cell), value and threshold.
 A condition that stays true is not re-sent more often than once per ``alert_repeat_s`` per
 (kind, cylinder, cell) key, measured on the core's clock.
+
+Each payload carries ``ts`` (wall-clock UTC, ISO 8601, when the alert was raised: what a
+subscriber can show) beside ``t`` (the daemon's clock, for ordering) and ``run_t``
+(seconds since the open run started, None outside a run). The engine's memory is
+bounded: rate-limit keys older than the repeat interval and the previous run's cells are
+forgotten when a new run starts.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -46,6 +53,8 @@ class Alert:
     t: float
     message: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    run_t: float | None = None
+    ts: str = field(default_factory=lambda: utc_iso())
 
     def payload(self) -> dict[str, Any]:
         """Return the JSON-ready payload (NaN as None)."""
@@ -54,6 +63,12 @@ class Alert:
             if isinstance(v, float) and not math.isfinite(v):
                 out[k] = None
         return out
+
+
+def utc_iso(epoch_s: float | None = None) -> str:
+    """Wall-clock UTC as ISO 8601 with milliseconds and ``Z`` (now when ``epoch_s`` is None)."""
+    when = datetime.now(UTC) if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AlertEngine:
@@ -73,6 +88,15 @@ class AlertEngine:
         self._status: dict[str, float] = {}
         self.counts: dict[str, int] = dict.fromkeys(SEVERITY, 0)
         self.suppressed = 0
+        self._run_id: str | None = None
+        self._run_start: float | None = None
+
+    def _new_run(self, run_id: str | None, start: float | None, now: float) -> None:
+        # Per-run memory ends with its run; rate-limit keys only matter for one interval.
+        self._run_id, self._run_start = run_id, start
+        self._imbalanced.clear()
+        horizon = now - self.config.alert_repeat_s
+        self._last_sent = {k: v for k, v in self._last_sent.items() if v >= horizon}
 
     def reload(self, config: AlertConfig) -> None:
         """Swap in new limits (SIGHUP); rate-limit memory is kept."""
@@ -92,7 +116,12 @@ class AlertEngine:
         self._last_sent[key] = t
         kind = key[0]
         self.counts[kind] += 1
-        out.append(Alert(kind=kind, severity=SEVERITY[kind], station=self.station, t=t, **fields))
+        start = self._run_start if fields.get("run_id") is not None else None
+        run_t = round(t - start, 3) if start is not None and math.isfinite(t) else None
+        out.append(
+            Alert(kind=kind, severity=SEVERITY[kind], station=self.station, t=t, run_t=run_t,
+                  **fields)
+        )  # fmt: skip
 
     def evaluate(self, result: FeedResult, core: Core) -> list[Alert]:
         """Return the alerts caused by one batch, in time order."""
@@ -100,6 +129,9 @@ class AlertEngine:
         cfg = self.config
         run = core.run
         run_id = run.run_id if run is not None else None
+        if run_id != self._run_id:
+            now = float(result.t[-1]) if result.t.size else -math.inf
+            self._new_run(run_id, run.start_t if run is not None else None, now)
         grid = core.grid
         # Knock: any retard > 0, immediate, per cylinder and cell.
         for cyl, (t, val, rpm, kpa) in result.knock.items():

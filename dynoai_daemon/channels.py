@@ -189,23 +189,41 @@ def samples_to_frame(samples: Sequence[Sample]) -> Frame:
     """Turn samples into a frame: one row per distinct time, stable for equal times.
 
     Samples that share a time land on one row (a driver emits all channels of one message
-    with one arrival time); if one row would get two values for the same channel, the
-    later sample in the sequence wins. The input need not be sorted.
+    with one arrival time). Two values of one channel are never merged: when a row would
+    get a second value for a channel, the later sample (in sequence order) opens a new
+    row with the same time, so every reading reaches the core and the raw log. The input
+    need not be sorted.
     """
     n = len(samples)
     if n == 0:
         return Frame.empty()
     ts = np.fromiter((s.t for s in samples), dtype=np.float64, count=n)
-    uniq, row_of = np.unique(ts, return_inverse=True)
+    order = np.argsort(ts, kind="stable")
+    times: list[float] = []
+    rows: list[int] = []
+    row = -1
+    row_t = math.nan
+    seen: set[str] = set()
+    for k in order.tolist():
+        s = samples[k]
+        t = s.t
+        if t != row_t or s.channel in seen:
+            row += 1
+            row_t = t
+            times.append(t)
+            seen = set()
+        seen.add(s.channel)
+        rows.append(row)
+    n_rows = row + 1
     cols: dict[str, FloatArray] = {}
-    rows = row_of.tolist()
-    for s, r in zip(samples, rows, strict=True):
+    for k, r in zip(order.tolist(), rows, strict=True):
+        s = samples[k]
         col = cols.get(s.channel)
         if col is None:
-            col = np.full(uniq.shape[0], np.nan)
+            col = np.full(n_rows, np.nan)
             cols[s.channel] = col
         col[r] = s.value
-    return Frame(uniq, cols)
+    return Frame(np.asarray(times, dtype=np.float64), cols)
 
 
 #: Plausible physical range (inclusive) of each canonical channel, in its canonical unit.

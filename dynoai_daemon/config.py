@@ -144,6 +144,7 @@ class AlertConfig(_Section):
     imbalance_afr: float = Field(0.5, gt=0)
     imbalance_min_weight: float = Field(10.0, gt=0)
     alert_repeat_s: float = Field(5.0, ge=0)
+    source_stale_s: float = Field(2.0, gt=0)  # a source silent this long raises a sensor alert
 
 
 class TuneConfig(_Section):
@@ -325,6 +326,25 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _blame(err: ValidationError, where: str) -> str:
+    """Name, for each bad field, where its value came from: an environment variable or the file."""
+    from_env: list[str] = []
+    from_file: list[str] = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        line = f"{_field_path(loc)}: {e['msg']}"
+        names = [str(p) for p in loc if not isinstance(p, int)]
+        var = "DYNOAI_" + "__".join(names).upper()
+        if names and var in os.environ:
+            from_env.append(f"environment {var}: {line}")
+        else:
+            from_file.append(line)
+    parts = list(from_env)
+    if from_file:
+        parts.append(f"{where}: " + "; ".join(from_file))
+    return "; ".join(parts)
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Read a TOML config (optional), apply environment overrides, validate everything.
 
@@ -349,11 +369,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: not UTF-8 text ({exc.reason})") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {format_validation_error(exc)}") from exc
+        raise ConfigError(_blame(exc, where)) from exc
     try:
         session_context(settings)
     except ConfigError as exc:

@@ -20,6 +20,7 @@ from drivers.innovate_mts import encode_packet, lambda_item
 from drivers.megasquirt import encode_signals
 from dynoai_daemon.config import Settings
 from dynoai_daemon.service.daemon import Daemon
+from dynoai_daemon.store import SessionStore
 from simulators.jetdrive_provider import JetDriveProvider
 from tests.mosquitto import MosquittoBroker, Received, Subscriber, free_port
 
@@ -188,7 +189,7 @@ async def test_hardware_to_mqtt_end_to_end(running: dict[str, Any]) -> None:
     data = Path(running["settings"].data_dir)
     sid = session["session_id"]
     assert (data / "sessions" / f"{sid}.json").exists()
-    assert json.loads((data / "dataset.json").read_text())["sessions"][0]["session_id"] == sid
+    assert SessionStore(data).load_dataset().sessions[0].session_id == sid
     raw = (data / "raw" / f"{sid}.csv").read_text().splitlines()
     assert raw[0].startswith("time_s,rpm,") and len(raw) > 100
     assert daemon.hub.stats.alerts >= 1

@@ -15,6 +15,7 @@ from dynoai_daemon.cli.main import main
 from dynoai_daemon.config import Settings
 from dynoai_daemon.logs import write_canonical
 from dynoai_daemon.logs.replay import replay_logs
+from dynoai_daemon.store import SessionStore
 from tests.synth import Plan, make_log
 
 SHAPE = (19, 18)
@@ -114,8 +115,7 @@ def test_canonical_replay_recovers_truth_and_patterns(injected, tmp_path: Path) 
     for s in res.sessions:
         stored = json.loads((tmp_path / "sessions" / f"{s.session_id}.json").read_text())
         assert stored["grid"]["rear"]["ve_correction_pct"]
-    ds = json.loads((tmp_path / "dataset.json").read_text())
-    assert len(ds["sessions"]) == 2
+    assert len(SessionStore(tmp_path).load_dataset().sessions) == 2
 
 
 def _powervision(path: Path, f: Frame) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from dynoai_daemon.errors import StoreError
-from dynoai_daemon.models import HeatSoakPattern, SessionPatterns, TuningSession
+from dynoai_daemon.models import HeatSoakPattern, SessionPatterns, TrainingDataset, TuningSession
 from dynoai_daemon.store import SessionStore, StoreFileError, atomic_write_json, atomic_write_text
-from dynoai_daemon.store.files import load_dataset
+from dynoai_daemon.store.files import load_dataset, save_dataset
 from tests.test_models import full_session, region_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,8 +209,10 @@ def test_append_to_dataset_adds_sessions_and_patterns_once(tmp_path: Path) -> No
     )
     store.append_to_dataset(t)
     # the same session again (a replayed log) does not duplicate anything
-    store.append_to_dataset(a)
-    on_disk = json.loads(store.dataset_path.read_text())
+    assert store.append_to_dataset(a)["appended"] == 0
+    assert store.dataset_path.name == "dataset.jsonl"
+    assert len(store.dataset_path.read_bytes().splitlines()) == 2
+    on_disk = json.loads(store.export_dataset().read_text())
     assert on_disk["dataset_id"] == "cell1"
     assert on_disk["summary"]["total_sessions"] == 2
     assert on_disk["summary"]["pattern_counts"] == {
@@ -223,29 +225,26 @@ def test_append_to_dataset_adds_sessions_and_patterns_once(tmp_path: Path) -> No
     loaded = store.load_dataset()
     assert [s.session_id for s in loaded.sessions] == ["a-1", "tables-1"]
     assert sorted(p.source for p in loaded.ve_scaling_patterns) == ["cells", "tables"]
-    assert load_dataset(store.dataset_path) == loaded
-    # a new version of a session replaces the old one and its patterns
+    assert load_dataset(store.export_path) == loaded
+    # a session id already stored is not appended again, even with other content
     a2 = full_session("a-1")
     a2.patterns = SessionPatterns(heat_soak=[HeatSoakPattern(ve_inflation_pct=2.0)])
     counts = store.append_to_dataset(a2)["pattern_counts"]
-    assert counts == {
-        "ve_scaling": 1,
-        "cylinder_imbalance": 0,
-        "decel_popping": 0,
-        "heat_soak": 1,
-        "knock_timing": 0,
-    }
+    assert counts == on_disk["summary"]["pattern_counts"]
+    # a fresh store (a restarted daemon) indexes the file once and agrees
+    assert SessionStore(tmp_path).append_to_dataset(a2)["pattern_counts"] == counts
     assert leftovers(tmp_path) == []
 
 
 def test_corrupt_dataset_is_reported_and_left_alone(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
     store.append_to_dataset(full_session("a-1"))
-    store.dataset_path.write_text('{"dataset_id": "x", "sessions": [{"session_id": 5}]}')
+    with store.dataset_path.open("ab") as fh:
+        fh.write(b'{"no_id": 5}\n')
     before = store.dataset_path.read_bytes()
     with pytest.raises(StoreFileError) as info:
-        store.append_to_dataset(full_session("b-1"))
-    assert "dataset.json" in str(info.value) and "sessions[0].session_id" in str(info.value)
+        SessionStore(tmp_path).append_to_dataset(full_session("b-1"))
+    assert "dataset.jsonl" in str(info.value) and "line 2" in str(info.value)
     assert store.dataset_path.read_bytes() == before
 
 
@@ -259,15 +258,38 @@ def test_failed_dataset_write_keeps_previous_dataset(
     def full_disk(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(StoreFileError, match=r"dataset\.json"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(StoreFileError, match=r"dataset\.jsonl.*No space left"):
         store.append_to_dataset(full_session("b-1"))
     monkeypatch.undo()
-    assert store.dataset_path.read_bytes() == before
-    assert leftovers(tmp_path) == []
-    # the store is still usable and did not keep the failed session in its cache
+    assert store.dataset_path.read_bytes() == before  # the partial line was cut off
+    # the store is still usable and did not count the failed session
     assert store.append_to_dataset(full_session("c-1"))["total_sessions"] == 2
-    assert [s.session_id for s in store.load_dataset().sessions] == ["a-1", "c-1"]
+    assert store.append_to_dataset(full_session("b-1"))["total_sessions"] == 3
+    assert [s.session_id for s in store.load_dataset().sessions] == ["a-1", "c-1", "b-1"]
+
+
+def test_torn_last_line_is_ignored_and_cut_before_the_next_append(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    store.append_to_dataset(full_session("a-1"))
+    with store.dataset_path.open("ab") as fh:
+        fh.write(b'{"session_id": "half-1", "sess')  # a crash mid-line
+    assert [s.session_id for s in store.load_dataset().sessions] == ["a-1"]
+    store.append_to_dataset(full_session("b-1"))
+    assert [s.session_id for s in SessionStore(tmp_path).load_dataset().sessions] == [
+        "a-1",
+        "b-1",
+    ]
+
+
+def test_old_dataset_json_is_imported_once(tmp_path: Path) -> None:
+    old = TrainingDataset(dataset_id="old")
+    old.add_session(full_session("old-1"))
+    save_dataset(old, tmp_path / "dataset.json")
+    store = SessionStore(tmp_path)
+    assert [s.session_id for s in store.load_dataset().sessions] == ["old-1"]
+    assert store.append_to_dataset(full_session("new-1"))["total_sessions"] == 2
+    assert [s.session_id for s in store.load_dataset().sessions] == ["old-1", "new-1"]
 
 
 def test_two_stores_on_one_directory_see_each_others_writes(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ SUBCOMMANDS = (
     "config_cmd",
     "tune",
     "collect",
+    "dataset",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.logs.delimited import parse_column_map
     from dynoai_daemon.logs.replay import replay_logs
 
-    if args.speed is not None and args.speed <= 0:
-        raise InputError("--speed must be positive")
+    if args.speed is not None and not (math.isfinite(args.speed) and args.speed > 0):
+        raise InputError(f"--speed must be a positive finite number, not {args.speed}")
     columns = parse_column_map(args.columns) if args.columns else None
     if columns is not None and args.format not in ("auto", "csv"):
         raise InputError(f"--columns needs --format csv (not {args.format})")
@@ -150,14 +151,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.stop()
-    stored = ""
-    if not args.no_store:
+    if args.no_store:
+        stored = "; nothing stored (--no-store)"
+    elif result.sessions:
         new = len(result.sessions) - result.already_stored
-        stored = f"; written under {settings.data_dir} ({new} new in the dataset"
+        stored = (
+            f"; {len(result.sessions)} session file(s) written under {settings.data_dir} "
+            f"({new} new in the dataset"
+        )
         stored += f", {result.already_stored} already there)" if result.already_stored else ")"
+    else:
+        stored = "; nothing written"
     print(
         f"{result.rows} rows from {result.files} file(s): {len(result.sessions)} session(s), "
-        f"{result.discarded_runs} short run(s) discarded" + stored,
+        f"{result.discarded_runs} short run(s) discarded{stored}",
         file=sys.stderr,
     )
     for err in result.errors:
@@ -216,7 +223,22 @@ def _replay_publish(args: argparse.Namespace) -> int:
         await daemon.wait_sessions_idle()
         daemon.request_stop()
         await task
-        print(f"{rows} rows replayed and published", file=sys.stderr)
+        st = daemon.hub.stats
+        pub = daemon._publisher
+        mq = pub.stats() if pub is not None else {}
+        left = int(mq.get("outbox_depth", 0))
+        sent = (
+            f"{mq.get('published', 0)} message(s) published to {mq.get('url')}"
+            if pub is not None
+            else "MQTT disabled: nothing published"
+        )
+        if left:
+            why = mq.get("last_error") or "broker unreachable"
+            sent += f"; {left} still in the outbox ({why}), sent when the broker is back"
+        print(
+            f"{rows} rows replayed: {st.sessions} session(s), {st.alerts} alert(s); {sent}",
+            file=sys.stderr,
+        )
         return 0
 
     return asyncio.run(go())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from collections import Counter
@@ -213,8 +214,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.fleet is not None:
         return run_fleet(args)
-    if not (args.speed > 0):
-        raise ConfigError("--speed must be positive", field="speed")
+    if not (math.isfinite(args.speed) and args.speed > 0):
+        raise ConfigError(
+            f"--speed must be a positive finite number, not {args.speed}", field="speed"
+        )
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, not {args.seed}", field="seed")
     if args.pulls is not None and args.pulls < 0:
         raise ConfigError("--pulls must be >= 0", field="pulls")
     from dynoai_daemon.logs_setup import configure_logging
@@ -252,6 +257,11 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_simulate(args, settings, scenario))
 
 
+async def _play(cell: Any) -> None:
+    await cell.wait_sources_online()
+    await cell.run_until_done()
+
+
 async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> int:
     from dynoai_daemon.service.daemon import Daemon
     from simulators.broker import BrokerHandle, find_or_start_broker
@@ -282,6 +292,7 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
     cell = VirtualCell(
         scenario, seed=args.seed, speed=args.speed, pulls=args.pulls, wideband=args.wideband
     )
+    interrupted = False
     try:
         await cell.start()
         sim = cell.simulation
@@ -306,8 +317,16 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
                 ready.cancel()
                 await task  # raises what stopped the daemon
                 return 1
-            await cell.wait_sources_online()
-            await cell.run_until_done()
+            # Ctrl-C/SIGTERM reach the daemon's handlers and stop it: the plan stops with it
+            # (a second signal exits at once, see Daemon).
+            plan = asyncio.create_task(_play(cell), name="plan")
+            done, _ = await asyncio.wait({plan, task}, return_when=asyncio.FIRST_COMPLETED)
+            if plan not in done:
+                interrupted = True
+                plan.cancel()
+                await asyncio.gather(plan, return_exceptions=True)
+            else:
+                plan.result()
         finally:
             daemon.request_stop()
             await task
@@ -316,7 +335,8 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         st = cell.stats
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(console.by_kind.items()))
         console.line(
-            f"done: {console.sessions} session(s), {console.alerts} alert(s)"
+            ("interrupted" if interrupted else "done")
+            + f": {console.sessions} session(s), {console.alerts} alert(s)"
             + (f" ({kinds})" if kinds else "")
             + "; "
             f"{st.events} events sent ({st.mts_packets} MTS packets, {st.can_frames} CAN "
@@ -328,7 +348,7 @@ async def _simulate(args: argparse.Namespace, settings: Any, scenario: Any) -> i
         await cell.close()
         if broker is not None:
             await asyncio.to_thread(broker.stop)
-    return 0
+    return 130 if interrupted else 0
 
 
 def run_fleet(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ conditions). A value without data is None, never 0.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -35,6 +36,9 @@ from dynoai_daemon.models import (
 )
 from dynoai_daemon.patterns import decel, heat_soak, imbalance, knock, ve_scaling
 from dynoai_daemon.patterns.cells import CylinderCells, cylinder_cells, nan_to_none, to_nested
+
+#: Pulls of one build kept for the heat-soak pattern's hp_variation_before.
+PEAK_HP_HISTORY = 20
 
 
 def _within(a: np.ndarray[Any, Any], lo: float, hi: float) -> bool:
@@ -125,7 +129,10 @@ class SessionBuilder:
         self.dyno = dyno
         self.tuner_id = tuner_id
         self.objective = objective
-        self.peak_hp_history: list[float] = []
+        # Peak power of this bike's recent pulls (heat soak's hp_variation_before): bounded,
+        # and restarted when another build is set, so it never spans bikes.
+        self.peak_hp_history: collections.deque[float] = collections.deque(maxlen=PEAK_HP_HISTORY)
+        self._history_build = build
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SessionBuilder:
@@ -151,6 +158,9 @@ class SessionBuilder:
         peak_tq = nan_to_none(run.peak_torque, 2)
         hp_corr = round(peak_hp * cf, 2) if peak_hp is not None and cf is not None else None
         tq_corr = round(peak_tq * cf, 2) if peak_tq is not None and cf is not None else None
+        if self.build_config is not self._history_build:
+            self.peak_hp_history.clear()
+            self._history_build = self.build_config
         if hp_corr is not None or peak_hp is not None:
             self.peak_hp_history.append(hp_corr if hp_corr is not None else float(peak_hp or 0))
         b = self.build_config

@@ -22,9 +22,19 @@ persistence), subscribes to the request topics and runs, in one TaskGroup:
 - ``commands``: answers requests one at a time, in arrival order, through the command
   handler (normally :meth:`CommandRouter.handle`).
 
-Connection failures back off exponentially with full jitter, capped. :meth:`stop` flushes
-the outbox as far as the broker allows within a timeout, publishes ``offline`` and
-disconnects cleanly (a clean DISCONNECT suppresses the will).
+Durable messages are not written on the event loop: :meth:`MqttPublisher.publish_durable`
+puts them in a bounded memory queue and a ``persist`` task writes them to the outbox in a
+worker thread (one transaction, one fsync per batch). While the disk refuses (full, I/O
+error) they stay in memory (beyond ``MAX_PENDING`` the oldest is dropped and counted),
+``storage_error`` says why, and the write is retried every second; when it succeeds they
+go out in order. Meanwhile the sender delivers the held messages straight from memory
+(once each), so alerts keep flowing during the outage. The outbox is read and
+acknowledged in worker threads too.
+
+Connection failures back off exponentially with jitter, capped
+(:mod:`dynoai_daemon.backoff`). :meth:`stop` flushes the outbox as far as the broker
+allows within a timeout, publishes ``offline`` and disconnects cleanly (a clean DISCONNECT
+suppresses the will).
 """
 
 from __future__ import annotations
@@ -33,9 +43,9 @@ import asyncio
 import collections
 import contextlib
 import os
-import random
 import socket
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +56,7 @@ import aiomqtt
 import structlog
 
 from dynoai_daemon import __version__
+from dynoai_daemon.backoff import Backoff
 from dynoai_daemon.errors import ConfigError, PublishError, StoreError
 from dynoai_daemon.publish.commands import CommandRouter
 from dynoai_daemon.publish.outbox import Outbox
@@ -136,11 +147,17 @@ def parse_url(url: str) -> tuple[str, int, bool, str | None]:
     return parts.hostname, port, tls, user
 
 
+MAX_PENDING = 10_000
+PERSIST_RETRY_S = 1.0
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Capped exponential backoff with full jitter for the ``attempt``-th failure (1-based)."""
-    ceiling = min(maximum, initial * (2 ** max(0, attempt - 1)))
-    # Full jitter, but never less than half the step, so a flapping broker is not hammered.
-    return random.uniform(ceiling / 2, ceiling)
+    """Capped exponential backoff with jitter for the ``attempt``-th failure (1-based).
+
+    The project's one schedule (:class:`~dynoai_daemon.backoff.Backoff`): never less than
+    half the step, so a flapping broker is not hammered.
+    """
+    return Backoff(initial_s=initial, max_s=maximum).delay(attempt - 1)
 
 
 class MqttPublisher:
@@ -257,6 +274,16 @@ class MqttPublisher:
         self.connections = 0
         self.connect_failures = 0
         self.last_error: str | None = None
+        # Durable messages not yet in the outbox: (seq, (topic, payload, qos, retain, id)).
+        self._pending: collections.deque[tuple[int, tuple[str, bytes, int, bool, str]]] = (
+            collections.deque()
+        )
+        self._pending_seq = 0
+        self._pending_wake = asyncio.Event()
+        self._persist_lock = asyncio.Lock()
+        self.dropped_durable = 0
+        self.storage_error: str | None = None
+        self._sent_held: set[str] = set()  # held message ids already acknowledged
 
     # ------------------------------------------------------------- daemon API
 
@@ -277,7 +304,7 @@ class MqttPublisher:
     def publish_durable(
         self,
         topic: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | bytes,
         *,
         retain: bool | None = None,
         qos: int | None = None,
@@ -287,7 +314,7 @@ class MqttPublisher:
 
         Args:
             topic: full topic (see :meth:`topic`).
-            payload: JSON-ready dict.
+            payload: JSON-ready dict, or its JSON already encoded (bytes).
             retain: retain flag; the topic table's when None. A retained durable message
                 is also remembered and re-published after every reconnect.
             qos: 1 or 2; the topic table's (at least 1) when None.
@@ -304,13 +331,68 @@ class MqttPublisher:
         data = encode_payload(payload)
         keep = spec.retain if retain is None else retain
         level = max(1, spec.qos) if qos is None else qos
-        mid = self.outbox.put(topic, data, qos=level, retain=keep, msg_id=msg_id)
+        if level not in (1, 2):
+            raise PublishError(f"durable messages need QoS 1 or 2, not {level}")
+        mid = msg_id or uuid.uuid4().hex
+        self._pending_seq += 1
+        self._pending.append((self._pending_seq, (topic, data, level, keep, mid)))
+        if len(self._pending) > MAX_PENDING:
+            _, dropped = self._pending.popleft()
+            if dropped[4] in self._sent_held:
+                self._sent_held.discard(dropped[4])  # it did reach the broker
+            else:
+                self.dropped_durable += 1
+            log.error("durable message dropped: outbox unwritable", error=self.storage_error)
         if keep:
             # Not marked dirty: the outbox sends it now; memory re-sends it after a reconnect.
             self._retained[topic] = (data, level)
         self._outbox_empty.clear()
-        self._outbox_wake.set()
+        self._pending_wake.set()
         return mid
+
+    @property
+    def pending(self) -> int:
+        """Durable messages held in memory, not yet written to the outbox."""
+        return len(self._pending)
+
+    async def persist_pending(self) -> bool:
+        """Write the held durable messages to the outbox (in a thread); True when none is left.
+
+        A failed write keeps them held and sets ``storage_error``.
+        """
+        async with self._persist_lock:
+            while self._pending:
+                batch = list(self._pending)
+                # Held messages the broker already acknowledged need no outbox row.
+                todo = [m for _, m in batch if m[4] not in self._sent_held]
+                try:
+                    await asyncio.to_thread(self.outbox.put_many, todo)
+                except StoreError as exc:
+                    if self.storage_error != str(exc):
+                        log.error("outbox write failed; holding messages", error=str(exc),
+                                  held=len(self._pending))  # fmt: skip
+                    self.storage_error = str(exc)
+                    return False
+                last = batch[-1][0]
+                while self._pending and self._pending[0][0] <= last:
+                    self._sent_held.discard(self._pending.popleft()[1][4])
+                if self.storage_error is not None:
+                    log.info("outbox writable again", error_was=self.storage_error)
+                self.storage_error = None
+                self._outbox_wake.set()
+            return True
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await self._pending_wake.wait()
+            self._pending_wake.clear()
+            if not await self.persist_pending():
+                self._outbox_wake.set()  # the sender delivers held messages from memory
+                # The disk refused: try again in a second (or sooner, on a new message).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PERSIST_RETRY_S):
+                        await self._closing.wait()
+                self._pending_wake.set()
 
     def publish_retained(self, topic: str, payload: dict[str, Any] | None) -> None:
         """Set a retained value (None or {} clears it); re-published after every reconnect.
@@ -354,15 +436,19 @@ class MqttPublisher:
             "rejected": self.rejected,
             "reconnects": self.reconnects,
             "connect_failures": self.connect_failures,
-            "outbox_depth": self.outbox.depth(),
+            "outbox_depth": self.outbox.depth() + len(self._pending),
+            "outbox_held_in_memory": len(self._pending),
+            "dropped_durable": self.dropped_durable,
+            "storage_error": self.storage_error,
             "last_error": self.last_error,
         }
 
     async def wait_flushed(self) -> None:
-        """Wait until the outbox is empty."""
-        while self.outbox.depth() > 0:
+        """Wait until the outbox (and the messages held in memory) is empty."""
+        while self.outbox.depth() > 0 or self._pending:
             self._outbox_empty.clear()
             self._outbox_wake.set()
+            self._pending_wake.set()
             await self._outbox_empty.wait()
 
     async def stop(self, flush_timeout: float = 5.0, *, close_timeout: float = 2.0) -> None:
@@ -374,6 +460,10 @@ class MqttPublisher:
         hangs longer is left to the caller, who cancels :meth:`run`. What was not sent
         stays in the outbox for the next start.
         """
+        with contextlib.suppress(TimeoutError):
+            # Held messages reach the disk first: they must survive the restart.
+            async with asyncio.timeout(max(0.5, flush_timeout)):
+                await self.persist_pending()
         if self._running and not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, flush_timeout)):
@@ -441,6 +531,8 @@ class MqttPublisher:
         self._running = True
         self._finished.clear()
         failures = 0
+        persister = asyncio.create_task(self._persist_loop(), name="mqtt-persist")
+        self._pending_wake.set()
         try:
             while not self._closing.is_set():
                 before = self.connections
@@ -467,6 +559,9 @@ class MqttPublisher:
                     async with asyncio.timeout(delay):
                         await self._closing.wait()
         finally:
+            persister.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await persister
             self._running = False
             self._set_connected(False)
             self._finished.set()
@@ -565,9 +660,14 @@ class MqttPublisher:
         box = self.outbox
         while True:
             self._outbox_wake.clear()
-            batch = box.peek(self.batch)
+            batch = await asyncio.to_thread(box.peek, self.batch)
             if not batch:
-                self._outbox_empty.set()
+                if self.storage_error is not None and self._pending:
+                    # The disk refuses: what it holds went out above; deliver the held
+                    # messages straight from memory so alerts keep flowing.
+                    await self._send_held(client)
+                if not self._pending:
+                    self._outbox_empty.set()
                 await self._outbox_wake.wait()
                 continue
             for msg in batch:
@@ -583,7 +683,16 @@ class MqttPublisher:
                         msg_id=msg.msg_id,
                         error=str(exc),
                     )
-                box.ack(msg.msg_id)
+                await asyncio.to_thread(box.ack, msg.msg_id)
+
+    async def _send_held(self, client: aiomqtt.Client) -> None:
+        """Publish held (not yet persisted) messages once each, oldest first."""
+        for _, (topic, data, qos, retain, mid) in list(self._pending):
+            if mid in self._sent_held:
+                continue
+            await _publish(client, topic, data, qos=qos, retain=retain)
+            self._sent_held.add(mid)
+            self.published += 1
 
     async def _send_retained(self, client: aiomqtt.Client) -> None:
         while True:

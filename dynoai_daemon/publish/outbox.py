@@ -13,17 +13,19 @@ message costs nothing that matters. An :meth:`Outbox.ack` commits with ``NORMAL`
 an ack to a power cut only re-sends a message, which at-least-once delivery allows
 (subscribers drop duplicates by id), and it halves the fsyncs.
 
-Threading: the outbox is used from the event-loop thread only (SQLite's same-thread check
-enforces it) and calls SQLite synchronously. Every call is one short statement on small
-rows; running them on the loop keeps put/peek/ack strictly ordered without locks, which
-an executor hop would not. The price is the fsync latency of a put on the loop (a few ms
-on an SD card), paid once per alert or session.
+Threading: every call may come from any thread (the publisher runs puts, peeks and acks
+in worker threads so that an fsync, or a disk that hangs, never stalls the event loop);
+one lock serialises them on the single connection, which keeps put/peek/ack strictly
+ordered. A full or failing disk raises :class:`StoreError`; the caller keeps the
+message and tries again (see :mod:`dynoai_daemon.publish.mqtt`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,11 +82,12 @@ class Outbox:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit; every statement below is its own transaction.
             self._db: sqlite3.Connection | None = sqlite3.connect(
-                self.path, isolation_level=None, timeout=5.0
+                self.path, isolation_level=None, timeout=5.0, check_same_thread=False
             )
             db = self._db
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -138,21 +141,53 @@ class Outbox:
         if not topic:
             raise ValueError("empty topic")
         mid = msg_id or uuid.uuid4().hex
-        db = self._conn()
-        try:
-            db.execute("PRAGMA synchronous=FULL")
-            cur = db.execute(
-                "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, qos, retain, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (mid, topic, bytes(payload), qos, int(retain), time.time()),
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: outbox write failed: {exc}") from exc
-        self._depth += cur.rowcount
+        self.put_many([(topic, bytes(payload), qos, retain, mid)])
         return mid
+
+    def put_many(self, messages: list[tuple[str, bytes, int, bool, str]]) -> int:
+        """Append ``(topic, payload, qos, retain, msg_id)`` messages in one transaction.
+
+        All or none are stored (one fsync); ids already queued are skipped.
+
+        Returns:
+            How many were new.
+
+        Raises:
+            StoreError: the database write failed (nothing was stored) or it is closed.
+        """
+        if not messages:
+            return 0
+        now = time.time()
+        rows = [(mid, t, bytes(p), q, int(r), now) for t, p, q, r, mid in messages]
+        with self._lock:
+            db = self._conn()
+            try:
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    before = db.total_changes
+                    db.executemany(
+                        "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, qos, retain,"
+                        " created) VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    added = db.total_changes - before
+                    db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: outbox write failed: {exc}") from exc
+            self._depth += added
+            return added
 
     def peek(self, limit: int = 100) -> list[OutboxMessage]:
         """Return up to ``limit`` oldest messages, in the order they were put, without removing."""
+        with self._lock:
+            return self._peek(limit)
+
+    def _peek(self, limit: int) -> list[OutboxMessage]:
         db = self._conn()
         try:
             rows = db.execute(
@@ -190,6 +225,10 @@ class Outbox:
         """Remove several acknowledged messages in one transaction; returns how many were queued."""
         if not msg_ids:
             return 0
+        with self._lock:
+            return self._ack_many(msg_ids)
+
+    def _ack_many(self, msg_ids: list[str]) -> int:
         db = self._conn()
         try:
             # An ack lost to a power cut only re-sends the message: no fsync needed here.
@@ -219,7 +258,8 @@ class Outbox:
 
     def close(self) -> None:
         """Checkpoint the WAL and close; idempotent."""
-        db, self._db = self._db, None
+        with self._lock:
+            db, self._db = self._db, None
         if db is None:
             return
         try:

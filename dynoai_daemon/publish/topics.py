@@ -225,11 +225,15 @@ def _default(obj: Any) -> Any:
 def encode_payload(payload: Any) -> bytes:
     """Encode a payload as compact UTF-8 JSON; NaN/inf become ``null``; None becomes b"".
 
+    Bytes are taken as already encoded (a large payload encoded off the event loop).
+
     Raises:
         PublishError: the payload holds something JSON cannot represent.
     """
     if payload is None:
         return b""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
     try:
         text = json.dumps(
             _clean(payload),

@@ -8,13 +8,26 @@ into one frame, feeds the core, raises alerts, records raw data, and publishes t
 live values and cells. Closed runs become sessions in an executor, are stored atomically
 and go out through the durable outbox. A run left open by a killed daemon is found in
 ``raw/`` at start-up and closed as an aborted session.
+
+Faults are survived, never fatal: an exception while handling one batch is logged and
+counted (``hub.batch_errors``); a write the disk refuses (ENOSPC, EIO) leaves the data in
+memory and is retried (raw rows in the recorder, alerts and sessions in the publisher,
+sessions in the store), with health saying ``storage: <error>`` until it clears. No
+file, SQLite or bus work runs on the event loop; ``loop_lag_ms_max`` in health is the
+worst scheduling delay seen since the previous health message.
+
+Shutdown budget (SIGTERM to exit; systemd's TimeoutStopSec is 15 s): drivers closed
+1 s, tasks cancelled 1 s, last batch and open run closed, sessions stored 3 s, MQTT
+flushed and disconnected 3.5 s, recorder closed 0.5 s: 9 s at most (:data:`STOP_BUDGET_S`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -28,15 +41,17 @@ import structlog
 
 from drivers.registry import create_driver
 from dynoai_daemon import __version__
-from dynoai_daemon.alerts import Alert, AlertEngine
+from dynoai_daemon.alerts import Alert, AlertEngine, utc_iso
 from dynoai_daemon.channels import KNOCK_CHANNELS, Frame, Sample, samples_to_frame
 from dynoai_daemon.config import Settings, load_settings, session_context
 from dynoai_daemon.core import Core, CoreEvent, FeedResult, RunClosed, RunDiscarded, RunStarted
 from dynoai_daemon.core.criterion import cell_suggestion
+from dynoai_daemon.errors import StoreError
 from dynoai_daemon.logs import read_log
 from dynoai_daemon.models import BuildConfiguration, TuningSession
 from dynoai_daemon.patterns.session import SessionBuilder
 from dynoai_daemon.publish.mqtt import make_publisher
+from dynoai_daemon.publish.topics import encode_payload
 from dynoai_daemon.service.arbiter import ChannelArbiter
 from dynoai_daemon.service.predictions import Predictions
 from dynoai_daemon.service.recorder import RawRecorder, orphaned_runs
@@ -47,13 +62,16 @@ from dynoai_daemon.store import SessionStore
 log = structlog.get_logger("dynoai.daemon")
 
 HUB_MAX_BATCHES = 20_000
-STALE_SOURCE_S = 2.0
+LAG_PROBE_S = 0.1
+SESSION_RETRY_S = 1.0
+#: Worst case from SIGTERM to exit; below systemd/dynoai.service's TimeoutStopSec (15 s).
+STOP_BUDGET_S = 9.0
 
 
 class Publisher(Protocol):
     """What the daemon needs from the MQTT side (see :mod:`dynoai_daemon.publish`)."""
 
-    def publish_durable(self, topic: str, payload: dict[str, Any]) -> str: ...
+    def publish_durable(self, topic: str, payload: dict[str, Any] | bytes) -> str: ...
 
     def publish_retained(self, topic: str, payload: dict[str, Any] | None) -> None: ...
 
@@ -63,7 +81,7 @@ class Publisher(Protocol):
 
     async def run(self) -> None: ...
 
-    async def stop(self, flush_timeout: float) -> None: ...
+    async def stop(self, flush_timeout: float, *, close_timeout: float = ...) -> None: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -89,6 +107,7 @@ class HubStats:
     dropped_batches: int = 0
     late_samples: int = 0
     shadowed_samples: int = 0
+    batch_errors: int = 0
     frames_fed: int = 0
     rows_fed: int = 0
     alerts: int = 0
@@ -188,6 +207,11 @@ def dump_tasks() -> None:
         log.warning("task", task=t.get_name(), done=t.done(), where=_where(t))
 
 
+def _encode_session(session: TuningSession) -> bytes:
+    """The session's MQTT payload (CPU work: call it in a thread)."""
+    return encode_payload(session.model_dump(mode="json"))
+
+
 def _finite(v: float) -> float | None:
     return round(v, 4) if math.isfinite(v) else None
 
@@ -252,6 +276,8 @@ class Daemon:
         )
         self.predictions = Predictions(self.data_dir / "models")
         self._predict_tasks: set[asyncio.Task[Any]] = set()
+        self._lag_max = 0.0
+        self.session_storage_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -263,6 +289,16 @@ class Daemon:
     def request_stop(self) -> None:
         """Ask the daemon to stop (signal handlers call this)."""
         self._stop.set()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        # The first SIGTERM/SIGINT stops cleanly (bounded, STOP_BUDGET_S); a second one
+        # means the operator will not wait: leave now (the outbox and the raw file are
+        # already on disk; the open run is recovered at the next start).
+        if self._stop.is_set():
+            log.warning("second stop signal: exiting now", signal=sig.name)
+            os._exit(128 + int(sig))
+        log.info("stop signal", signal=sig.name)
+        self.request_stop()
 
     def healthy(self) -> bool:
         """True while the core loop keeps turning (gates the systemd watchdog)."""
@@ -282,8 +318,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         for sig, handler in (
-            (signal.SIGTERM, self.request_stop),
-            (signal.SIGINT, self.request_stop),
+            (signal.SIGTERM, functools.partial(self._on_stop_signal, signal.SIGTERM)),
+            (signal.SIGINT, functools.partial(self._on_stop_signal, signal.SIGINT)),
             (signal.SIGHUP, self.reload),
             (signal.SIGUSR1, dump_tasks),
         ):
@@ -295,7 +331,9 @@ class Daemon:
                 mqtt_task = tg.create_task(pub.run(), name="mqtt") if pub is not None else None
                 sessions_task = tg.create_task(self._sessions_loop(), name="sessions")
                 await self._publish_tune()
-                await self._recover_orphans()
+                # Listed now (a cheap glob), read in a thread after READY: a big orphaned
+                # file neither delays start-up nor stalls the loop.
+                orphans = orphaned_runs(self.data_dir)
                 core_task = tg.create_task(self._core_loop(), name="core")
                 drivers = self._build_drivers()
                 driver_tasks = [
@@ -303,9 +341,11 @@ class Daemon:
                     for name, st in drivers.items()
                 ]
                 health_task = tg.create_task(self._health_loop(), name="health")
+                lag_task = tg.create_task(self._lag_loop(), name="loop-lag")
                 wd_task = tg.create_task(watchdog_task(notifier, self.healthy), name="watchdog")
                 if self.builder.build_config is not None:
                     self._schedule_predictions(self.builder.build_config)
+                recover_task = tg.create_task(self._recover_orphans(orphans), name="recover")
                 notifier.ready(f"station {self.settings.station}: {len(drivers)} source(s)")
                 self._ready.set()
                 log.info("daemon started", station=self.settings.station, sources=list(drivers))
@@ -313,20 +353,26 @@ class Daemon:
                 notifier.stopping()
                 log.info("daemon stopping", station=self.settings.station)
                 # Reverse order: drivers, then core (flush the last samples), sessions, MQTT.
-                # Every step is bounded so SIGTERM always ends within the 10 s promised.
-                for st in drivers.values():
-                    await _bounded(st.driver.close(), 1.0, f"close {st.name}")
-                for t in [*driver_tasks, health_task, wd_task, core_task]:
-                    t.cancel()
-                _, stuck = await asyncio.wait(
-                    [*driver_tasks, health_task, wd_task, core_task], timeout=2.0
+                # Every step is bounded (STOP_BUDGET_S in all, see the module docstring).
+                await asyncio.wait(
+                    [
+                        asyncio.ensure_future(_bounded(st.driver.close(), 1.0, f"close {n}"))
+                        for n, st in drivers.items()
+                    ]
+                    or [asyncio.ensure_future(asyncio.sleep(0))]
                 )
+                stoppable = [*driver_tasks, health_task, lag_task, wd_task, core_task, recover_task]
+                for t in stoppable:
+                    t.cancel()
+                _, stuck = await asyncio.wait(stoppable, timeout=1.0)
                 _log_stuck(stuck)
-                self._process(self.hub.drain())
-                self._handle_events(self.core.stop_run("shutdown"))
+                self._safely(lambda: self._process(self.hub.drain()), "last batch")
+                self._safely(
+                    lambda: self._handle_events(self.core.stop_run("shutdown")), "closing run"
+                )
                 self.recorder.stop()
                 self._sessions_q.put_nowait(None)
-                await asyncio.wait([sessions_task], timeout=4.0)
+                await asyncio.wait([sessions_task], timeout=3.0)
                 sessions_task.cancel()
                 for t in self._predict_tasks:
                     t.cancel()
@@ -334,13 +380,13 @@ class Daemon:
                     await asyncio.wait(self._predict_tasks, timeout=2.0)
                 if pub is not None and mqtt_task is not None:
                     self._publish_retained(pub, "run/current", None)
-                    await _bounded(pub.stop(flush_timeout=2.5), 3.5, "mqtt stop")
-                    await _cancel_hard(mqtt_task)
+                    await _bounded(pub.stop(flush_timeout=2.0, close_timeout=1.0), 3.0, "mqtt")
+                    await _cancel_hard(mqtt_task, tries=1, wait_s=0.5)
         finally:
             for sig in installed:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
-            self.recorder.stop()
+            await asyncio.to_thread(self.recorder.close, 0.5)
 
     def reload(self) -> None:
         """SIGHUP: re-read alert thresholds and the build from the config file."""
@@ -392,7 +438,13 @@ class Daemon:
         st = self.sources.get(source)
         if st is not None:
             st.online = online
-        log.info("source availability", source=source, online=online, reason=reason)
+        link = getattr(st.driver, "link", "") if st is not None else ""
+        if online or reason == "closed":
+            log.info("source availability", source=source, link=link, online=online,
+                     reason=reason)  # fmt: skip
+        else:
+            # The first failure and every change of reason (drivers/base.py): never silent.
+            log.warning("source unavailable", source=source, link=link, reason=reason)
         pub = self._publisher
         if pub is not None:
             self._publish_retained(
@@ -434,8 +486,26 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(period):
                         await self.hub.urgent.wait()
-            self._process(self.hub.drain())
-            self._check_stale()
+            self._safely(lambda: self._process(self.hub.drain()), "batch")
+            self._safely(self._check_stale, "stale check")
+
+    def _safely(self, fn: Callable[[], object], what: str) -> None:
+        """Run ``fn``; an exception is logged and counted, never the end of the daemon."""
+        try:
+            fn()
+        except Exception as exc:
+            self.hub.stats.batch_errors += 1
+            log.exception("error while handling data", step=what, error=repr(exc))
+
+    async def _lag_loop(self) -> None:
+        """Measure how late the loop wakes a sleeper: the blocking work it suffers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = loop.time() - t0 - LAG_PROBE_S
+            if lag > self._lag_max:
+                self._lag_max = lag
 
     def _process(self, samples: list[Sample]) -> FeedResult | None:
         if not samples:
@@ -505,10 +575,8 @@ class Daemon:
                 if pub is not None:
                     self._publish_retained(pub, "run/current", None)
             elif isinstance(ev, RunDiscarded):
-                self.recorder.stop()
+                self.recorder.discard(ev.run_id)
                 self.hub.stats.runs_discarded += 1
-                with contextlib.suppress(OSError):
-                    self.recorder.path_for(ev.run_id).unlink()
                 log.info("run discarded", run=ev.run_id, duration_s=round(ev.duration_s, 2))
                 if pub is not None:
                     self._publish_retained(pub, "run/current", None)
@@ -521,13 +589,24 @@ class Daemon:
                 self._sessions_idle.set()
                 return
             try:
-                session = await loop.run_in_executor(None, self._build_and_store, ev)
-                self._publish_session(session)
+                session = await loop.run_in_executor(None, self.builder.build, ev.run)
+                self.tune_pool.attach_tables(session)
+            except Exception as exc:
+                log.exception("session failed", run=ev.run.run_id, error=repr(exc))
+                self.hub.stats.batch_errors += 1
+            else:
+                await self._store_until_done(session)
+                try:  # a whole session is large: encoded off the loop
+                    body = await asyncio.to_thread(_encode_session, session)
+                except Exception as exc:
+                    log.exception("session not encoded", run=session.session_id, error=repr(exc))
+                    self.hub.stats.batch_errors += 1
+                    body = None
+                self._safely(
+                    functools.partial(self._publish_session, session, body), "publish session"
+                )
                 if self.tune_pool.add(session):
                     await self._publish_tune()
-            except Exception as exc:
-                log.error("session failed", run=ev.run.run_id, error=repr(exc))
-            else:
                 if self.settings.report.auto:  # [report] auto: sessions/<id>.html
                     try:
                         await loop.run_in_executor(None, self._write_report, session)
@@ -536,12 +615,26 @@ class Daemon:
             if self._sessions_q.empty():
                 self._sessions_idle.set()
 
-    def _build_and_store(self, ev: RunClosed) -> TuningSession:
-        session = self.builder.build(ev.run)
-        self.tune_pool.attach_tables(session)
+    async def _store_until_done(self, session: TuningSession) -> None:
+        """Store a session, retrying while the disk refuses (the session waits in memory)."""
+        while True:
+            try:
+                await asyncio.to_thread(self._store_session, session)
+            except StoreError as exc:
+                if self.session_storage_error != str(exc):
+                    log.error("session not stored; retrying", run=session.session_id,
+                              error=str(exc))  # fmt: skip
+                self.session_storage_error = str(exc)
+                await asyncio.sleep(SESSION_RETRY_S)
+                continue
+            if self.session_storage_error is not None:
+                log.info("session store writable again", run=session.session_id)
+            self.session_storage_error = None
+            return
+
+    def _store_session(self, session: TuningSession) -> None:
         self.store.save_session(session)
-        self.store.append_to_dataset(session)
-        return session
+        self.store.append_to_dataset(session)  # a session id already there is not re-added
 
     def _write_report(self, session: TuningSession) -> None:
         from dynoai_daemon.report import build_report  # matplotlib: only when enabled
@@ -552,7 +645,7 @@ class Daemon:
         )
         log.info("report written", run=session.session_id, path=str(built.path), bytes=built.size)
 
-    def _publish_session(self, session: TuningSession) -> None:
+    def _publish_session(self, session: TuningSession, body: bytes | None = None) -> None:
         self.hub.stats.sessions += 1
         log.info(
             "session stored",
@@ -566,7 +659,8 @@ class Daemon:
         pub = self._publisher
         if pub is None:
             return
-        body = session.model_dump(mode="json")
+        if body is None:
+            body = _encode_session(session)
         pub.publish_durable(pub.topic(f"session/{session.session_id}"), body)
         summary = {
             "session_id": session.session_id,
@@ -640,6 +734,8 @@ class Daemon:
                 pub.topic("live"),
                 {
                     "t": _finite(self._t_last_fed),
+                    "run_t": _finite(self._t_last_fed - run.start_t) if run else None,
+                    "ts": utc_iso(),
                     "values": {k: _finite(v) for k, v in self._latest.items()},
                     "cell": cell,
                     "run_id": run.run_id if run else None,
@@ -731,7 +827,7 @@ class Daemon:
             if st.last_seen is None or st.stale_alerted:
                 continue
             age = now - st.last_seen
-            if age > STALE_SOURCE_S:
+            if age > self.alerts.config.source_stale_s:
                 st.stale_alerted = True
                 run = self.core.run
                 alert = self.alerts.source_stale(
@@ -748,6 +844,7 @@ class Daemon:
             stats = getattr(st.driver, "stats", None)
             d = stats.as_dict() if stats is not None else {}
             d.update(
+                link=getattr(st.driver, "link", ""),
                 online=st.online,
                 samples=st.samples,
                 last_seen_age_s=None if st.last_seen is None else round(now - st.last_seen, 3),
@@ -768,51 +865,74 @@ class Daemon:
             },
             "alerts": dict(self.alerts.counts),
             "sessions_pending": self._sessions_q.qsize(),
+            "storage": self.storage_status(),
+            "loop_lag_ms_max": round(self._lag_max * 1000.0, 1),
+            "raw": {
+                "rows_written": self.recorder.rows_written,
+                "backlog_rows": self.recorder.backlog_rows,
+                "dropped_rows": self.recorder.dropped_rows,
+            },
         }
         if self._publisher is not None:
             out["mqtt"] = self._publisher.stats()
         return out
 
+    def storage_status(self) -> str:
+        """``ok``, or the first storage error that has not cleared yet."""
+        pub_err = getattr(self._publisher, "storage_error", None)
+        for err in (self.recorder.error, self.session_storage_error, pub_err):
+            if err:
+                return str(err)
+        return "ok"
+
+    def _publish_health(self, pub: Publisher) -> None:
+        self._publish_retained(pub, "health", self.health())
+
     async def _health_loop(self) -> None:
         while True:
             pub = self._publisher
             if pub is not None:
-                self._publish_retained(pub, "health", self.health())
+                self._safely(functools.partial(self._publish_health, pub), "health")
+                self._lag_max = 0.0  # the maximum over each health period
             await asyncio.sleep(self.settings.health_interval_s)
 
-    async def _recover_orphans(self) -> None:
-        """Close runs a killed daemon left in raw/ as aborted sessions."""
-        for path in orphaned_runs(self.data_dir):
+    async def _recover_orphans(self, paths: list[Path]) -> None:
+        """Close runs a killed daemon left in raw/ as aborted sessions (read in a thread)."""
+        for path in paths:
             if path.stem == self.recorder.run_id:
                 continue
             try:
-                core = Core(
-                    grid=self.settings.grid,
-                    tuning=self.settings.tuning,
-                    station=self.settings.station,
-                )
-                started = False
-                for frame in read_log(path, format="canonical"):
-                    if not len(frame):
-                        continue
-                    if not started:
-                        core.feed(frame.slice(0, 1))
-                        core.start_run(run_id=path.stem, t=float(frame.t[0]))
-                        started = True
-                        frame = frame.slice(1, len(frame))
-                    core.feed(frame)
-                if not started:
-                    log.warning("empty raw file left as is", path=str(path))
-                    continue
-                events = core.stop_run("recovered", aborted=True)
-                for ev in events:
-                    if isinstance(ev, RunClosed):
-                        self.hub.stats.recovered_runs += 1
-                        self._sessions_idle.clear()
-                        await self._sessions_q.put(ev)
-                        log.warning("recovered interrupted run", run=path.stem)
+                ev = await asyncio.to_thread(self._recover_one, path)
             except Exception as exc:
                 log.error("could not recover run", path=str(path), error=repr(exc))
+                continue
+            if ev is None:
+                log.warning("empty raw file left as is", path=str(path))
+                continue
+            self.hub.stats.recovered_runs += 1
+            self._sessions_idle.clear()
+            await self._sessions_q.put(ev)
+            log.warning("recovered interrupted run", run=path.stem)
+
+    def _recover_one(self, path: Path) -> RunClosed | None:
+        core = Core(grid=self.settings.grid, tuning=self.settings.tuning,
+                    station=self.settings.station)  # fmt: skip
+        started = False
+        for frame in read_log(path, format="canonical"):
+            if not len(frame):
+                continue
+            if not started:
+                core.feed(frame.slice(0, 1))
+                core.start_run(run_id=path.stem, t=float(frame.t[0]))
+                started = True
+                frame = frame.slice(1, len(frame))
+            core.feed(frame)
+        if not started:
+            return None
+        for ev in core.stop_run("recovered", aborted=True):
+            if isinstance(ev, RunClosed):
+                return ev
+        return None
 
     async def _on_request(self, cmd: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """Handle a validated MQTT command; returns the ``data`` of the response."""
@@ -828,7 +948,7 @@ class Daemon:
             return {"run_id": run.run_id if run else None, "stopped": run is not None}
         if cmd == "build/set":
             build = BuildConfiguration.model_validate(body.get("build", body))
-            self.builder.build_config = build
+            self.builder.build_config = build  # also restarts its peak-power history
             self._schedule_predictions(build)
             new_pool = self.tune_pool.set_build(build)
             if body.get("tune"):
