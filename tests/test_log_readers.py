@@ -25,6 +25,7 @@ from dynoai_daemon.logs import (
     write_canonical,
 )
 from dynoai_daemon.logs import readers as readers_mod
+from dynoai_daemon.store import SessionStore
 
 DATA = Path(__file__).parent / "data" / "logs"
 PV = DATA / "powervision_sample.csv"
@@ -773,7 +774,6 @@ def test_decel_pop_range_is_never_inverted() -> None:
 def test_a_failing_session_is_reported_and_the_rest_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import json
 
     from dynoai_daemon.cli.main import main
     from dynoai_daemon.models import DecelPoppingPattern
@@ -794,8 +794,8 @@ def test_a_failing_session_is_reported_and_the_rest_written(
     err = capsys.readouterr().err
     assert rc == 2
     assert f"error: {MS2_X100}: run cell1-" in err and "pop_rpm_range" in err
-    ds = json.loads((data / "dataset.json").read_text())
-    assert len(ds["sessions"]) == 1  # the Speeduino log's run
+    ds = SessionStore(data).load_dataset()
+    assert len(ds.sessions) == 1  # the Speeduino log's run
 
 
 def test_replay_ids_come_from_the_log(tmp_path: Path) -> None:

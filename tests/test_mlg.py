@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from dynoai_daemon.config import Settings
 from dynoai_daemon.logs import read_log, sniff_format, write_canonical
 from dynoai_daemon.logs.mlg import MlgReader
 from dynoai_daemon.logs.replay import replay_logs
+from dynoai_daemon.store import SessionStore
 from tests.mlg_writer import Field, frame_to_mlg, write_mlg
 from tests.synth import Plan, make_log
 
@@ -201,10 +201,10 @@ def test_replaying_an_mlg_twice_adds_nothing(
     mlg = frame_to_mlg(tmp_path / "twice.mlg", frame)
     data = tmp_path / "data"
     assert main(["replay", str(mlg), "--data-dir", str(data)]) == 0
-    first = json.loads((data / "dataset.json").read_text())
+    first = SessionStore(data).load_dataset().model_dump(mode="json")
     out1 = capsys.readouterr()
     assert main(["replay", str(mlg), "--data-dir", str(data)]) == 0
-    second = json.loads((data / "dataset.json").read_text())
+    second = SessionStore(data).load_dataset().model_dump(mode="json")
     out2 = capsys.readouterr()
     ids = [s["session_id"] for s in first["sessions"]]
     assert ids and ids == [s["session_id"] for s in second["sessions"]]

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from dynoai_daemon.collect.db import SessionDb
 from dynoai_daemon.collect.schema import Rejected, SessionRow, check_payload
-from dynoai_daemon.errors import InputError
+from dynoai_daemon.errors import InputError, StoreError
 from dynoai_daemon.store import SessionStore
-from dynoai_daemon.store.files import load_dataset
 
 
 @dataclass
@@ -66,8 +65,8 @@ def _iter_rows(
             yield str(path), checked
     if store.dataset_path.is_file():
         try:
-            dataset = load_dataset(store.dataset_path)
-        except InputError as exc:
+            dataset = store.load_dataset()
+        except (InputError, StoreError) as exc:
             report.rejected.append((str(store.dataset_path), "schema", str(exc)))
             return
         for session in dataset.sessions:
