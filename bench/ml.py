@@ -35,7 +35,7 @@ from dynoai_daemon.config import DEFAULT_MAP_AXIS, DEFAULT_RPM_AXIS
 from dynoai_daemon.ml.predict import predict_build
 from dynoai_daemon.ml.store import load_models, save_models
 from dynoai_daemon.ml.targets import VE_TARGETS, collect
-from dynoai_daemon.ml.training import model_card, train_all
+from dynoai_daemon.ml.training import model_card, train_all, trained_models
 from dynoai_daemon.patterns.cells import REGIONS
 from simulators.dyno import Simulation
 from simulators.fleet import build_scenario, generate_fleet, random_build, random_day, session_plan
@@ -88,22 +88,7 @@ def main() -> None:
                 f"baseline {cv['baseline']:.4f} ({p.n_rows} rows, {r.n_builds} builds)"
             )
     with tempfile.TemporaryDirectory() as tmp:
-        models = {
-            r.kind: {
-                "kind": r.kind,
-                "parts": {
-                    p.name: {
-                        "estimator": p.estimator,
-                        "columns": list(p.columns),
-                        "targets": list(p.targets),
-                        "metric": p.cv["metric"],
-                    }
-                    for p in r.parts
-                },
-            }
-            for r in results
-            if r.skipped is None
-        }
+        models = trained_models(results)
         w0 = time.perf_counter()
         save_models(tmp, models, model_card(results, tables))
         w_save = time.perf_counter() - w0

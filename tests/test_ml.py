@@ -25,7 +25,7 @@ from dynoai_daemon.cli.main import main
 from dynoai_daemon.config import Settings
 from dynoai_daemon.ml.store import load_models, save_models
 from dynoai_daemon.ml.targets import KINDS, VE_TARGETS, collect
-from dynoai_daemon.ml.training import model_card, train_all
+from dynoai_daemon.ml.training import model_card, train_all, trained_models
 from dynoai_daemon.models import build_id
 from dynoai_daemon.patterns.cells import REGIONS
 from dynoai_daemon.service.daemon import Daemon
@@ -48,22 +48,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tables = collect(sessions)
     results = train_all(tables)
     folder = tmp_path_factory.mktemp("models")
-    models = {
-        r.kind: {
-            "kind": r.kind,
-            "parts": {
-                p.name: {
-                    "estimator": p.estimator,
-                    "columns": list(p.columns),
-                    "targets": list(p.targets),
-                    "metric": p.cv["metric"],
-                }
-                for p in r.parts
-            },
-        }
-        for r in results
-        if r.skipped is None
-    }
+    models = trained_models(results)
     card = model_card(results, tables)
     save_models(folder, models, card)
     return {"sessions": sessions, "tables": tables, "card": card, "folder": folder}

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from dynoai_daemon.errors import InputError
     from dynoai_daemon.ml.store import save_models
     from dynoai_daemon.ml.targets import collect, iter_session_files
-    from dynoai_daemon.ml.training import KindResult, model_card, train_all
+    from dynoai_daemon.ml.training import KindResult, model_card, train_all, trained_models
 
     data_dir = data_dir_of(args)
     models_dir = Path(args.models) if args.models else data_dir / "models"
@@ -92,22 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     results = train_all(tables, seed=args.seed, on_kind=show)
-    trained = {
-        r.kind: {
-            "kind": r.kind,
-            "parts": {
-                p.name: {
-                    "estimator": p.estimator,
-                    "columns": list(p.columns),
-                    "targets": list(p.targets),
-                    "metric": p.cv["metric"],
-                }
-                for p in r.parts
-            },
-        }
-        for r in results
-        if r.skipped is None
-    }
+    trained = trained_models(results)
     if not trained:
         raise InputError(f"no model could be trained from {tables.sessions} session(s), {data_dir}")
     card = model_card(results, tables)

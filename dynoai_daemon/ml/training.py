@@ -263,6 +263,27 @@ def train_all(
     return results
 
 
+def trained_models(results: Sequence[KindResult]) -> dict[str, dict[str, Any]]:
+    """The fitted models of ``results`` in the form the model store saves (kinds that
+    were skipped are left out)."""
+    return {
+        r.kind: {
+            "kind": r.kind,
+            "parts": {
+                p.name: {
+                    "estimator": p.estimator,
+                    "columns": list(p.columns),
+                    "targets": list(p.targets),
+                    "metric": p.cv["metric"],
+                }
+                for p in r.parts
+            },
+        }
+        for r in results
+        if r.skipped is None
+    }
+
+
 def dataset_digest(tt: TrainingTables) -> str:
     """sha256 over the sorted session ids the tables were built from."""
     h = hashlib.sha256()
